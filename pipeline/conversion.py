@@ -1,0 +1,211 @@
+"""Conversion: turn a model x target (plus its resolution) into a toolkit job, run it, read the verdict.
+
+The parent side of :mod:`pipeline.worker`. It builds the exact keyword arguments
+for ``rknn.config`` / ``load_onnx`` / ``build`` from the manifest (so the same
+arguments are recorded in the sidecar and in the cache key), starts the worker
+with its stdout/stderr on ``convert.log``, enforces the model's timeout by
+killing the worker's whole process group, and parses the layer table from the
+log into ``placement.json``.
+
+Outputs in ``build/<name>/<target>/``: ``model.rknn``, ``convert.log``,
+``placement.json`` and ``convert.json`` (the worker's result, the placement
+summary and the explained diagnostics). ``model.rknn`` appears only when every
+step succeeded: the worker writes a ``.partial`` name that is renamed last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline import files
+from pipeline.layer_table import parse_layer_table, summarize
+
+# rknn.config() keys fed from the manifest's quantization block.
+_QUANT_CONFIG_KEYS = {
+    "dtype": "quantized_dtype",
+    "algorithm": "quantized_algorithm",
+    "method": "quantized_method",
+    "hybrid_level": "quantized_hybrid_level",
+    "auto_hybrid_cos_thresh": "auto_hybrid_cos_thresh",
+    "auto_hybrid_euc_thresh": "auto_hybrid_euc_thresh",
+}
+
+
+class ConversionFailed(RuntimeError):
+    """The toolkit did not produce a model; the message quotes its own error line."""
+
+
+def toolkit_arguments(model: dict, target: str, source: str) -> dict:
+    """The exact ``config`` / ``load_onnx`` / ``build`` keyword arguments for one conversion.
+
+    ``op_target`` is not included: it comes from resolution and may be remapped
+    by the worker. Unset manifest keys are left out so the toolkit's own
+    defaults apply (and are not frozen into the record).
+    """
+    config: dict = {"target_platform": target}
+    for key in ("mean_values", "std_values"):
+        if model.get(key) is not None:
+            config[key] = model[key]
+    quant = model.get("quantization")
+    if quant:
+        for manifest_key, config_key in _QUANT_CONFIG_KEYS.items():
+            if quant.get(manifest_key) is not None:
+                config[config_key] = quant[manifest_key]
+    config.update(model.get("options") or {})
+
+    load: dict = {}
+    if model.get("inputs"):
+        load["inputs"] = list(model["inputs"])
+        load["input_size_list"] = [list(shape) for shape in model["inputs"].values()]
+    if model.get("outputs"):
+        load["outputs"] = list(model["outputs"])
+
+    build: dict = {"do_quantization": bool(quant)}
+    if quant:
+        build["dataset"] = quant["dataset"]
+        if quant.get("auto_hybrid"):
+            build["auto_hybrid"] = True
+    build.update(model.get("build") or {})
+    return {"config": config, "load_onnx": load, "build": build, "source": source}
+
+
+def make_job(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
+    """The worker's job document (plain JSON)."""
+    onnx_path = resolved.get("converted_onnx") or model["source"]
+    args = toolkit_arguments(model, target, onnx_path)
+    quant = model.get("quantization") or {}
+    return {
+        "model": model["name"],
+        "target": target,
+        "onnx": onnx_path,
+        "config": args["config"],
+        "load_onnx": args["load_onnx"],
+        "build": args["build"],
+        "hybrid": quant.get("hybrid"),
+        "op_target": resolved.get("op_target") or {},
+        "op_target_nodes": {key: [item["node"], item.get("output_index", 0)]
+                            for key, item in (resolved.get("explanations") or {}).items()},
+        "verify": model.get("verify"),
+        "verify_source": model["source"],
+        "samples": quant.get("samples") or [],
+        "workdir": str(workdir / "work"),
+        "rknn_path": str(workdir / ("model.rknn" + files.PARTIAL_SUFFIX)),
+        "result_path": str(workdir / "worker-result.json"),
+    }
+
+
+def run_worker(job: dict, log_path: Path, timeout: float) -> dict:
+    """Run :mod:`pipeline.worker` on ``job``; return its result plus ``returncode``.
+
+    The worker gets its own session (process group) so a timeout kills the
+    toolkit's helper processes too; a worker that dies without writing a
+    result (signal, OOM kill) yields a result that says how it died.
+    """
+    workdir = Path(job["workdir"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    job_path = workdir / "job.json"
+    files.atomic_write_json(job_path, job)
+    result_path = Path(job["result_path"])
+    result_path.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.worker", str(job_path)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            elapsed = time.monotonic() - started
+            return {"ok": False, "step": "timeout", "returncode": None, "seconds": round(elapsed, 1),
+                    "error": f"conversion timed out after {elapsed:.0f} s (timeout: {timeout:g} s); "
+                             f"raise the model's `timeout` in the manifest if the model is just big"}
+        except BaseException:
+            _kill_group(proc)  # Ctrl-C or doit stopping: never leave a toolkit running
+            raise
+    result = files.read_json(result_path)
+    if result is None:
+        how = (f"killed by signal {signal.Signals(-returncode).name}" if returncode < 0
+               else f"exited with code {returncode} without a result")
+        result = {"ok": False, "step": "worker", "error": f"conversion worker {how}"}
+    result["returncode"] = returncode
+    result.setdefault("seconds", round(time.monotonic() - started, 3))
+    return result
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def convert(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
+    """Run one conversion and leave its outputs in ``workdir``; return the ``convert.json`` record.
+
+    Raises :class:`ConversionFailed` (after writing convert.json with the failure)
+    when the toolkit did not produce a model.
+    """
+    from pipeline import diagnostics
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    final_rknn = workdir / "model.rknn"
+    final_rknn.unlink(missing_ok=True)
+    job = make_job(model, target, resolved, workdir)
+    log_path = workdir / "convert.log"
+    result = run_worker(job, log_path, float(model.get("timeout") or 1800))
+    log_text = log_path.read_text(errors="replace")
+    layers = parse_layer_table(log_text)
+    record = {
+        "model": model["name"],
+        "target": target,
+        "ok": bool(result.get("ok")),
+        "arguments": {"config": job["config"], "load_onnx": job["load_onnx"], "build": job["build"]},
+        "converted_onnx": job["onnx"],
+        "op_target": result.get("op_target", job["op_target"]),
+        "remaps": result.get("remaps", []),
+        "seconds": result.get("seconds"),
+        "verify": result.get("verify"),
+        "placement": summarize(layers) if layers else None,
+        "diagnostics": diagnostics.explain_log(log_text),
+    }
+    partial = Path(job["rknn_path"])
+    if not result.get("ok") or not partial.exists():
+        partial.unlink(missing_ok=True)
+        record["error"] = result.get("error") or "the toolkit produced no model"
+        record["step"] = result.get("step")
+        record["toolkit_error_lines"] = diagnostics.error_lines(log_text)
+        files.atomic_write_json(workdir / "convert.json", record)
+        raise ConversionFailed(failure_message(record, log_path))
+    files.atomic_write_json(workdir / "placement.json", layers)
+    files.atomic_write_json(workdir / "convert.json", record)
+    os.replace(partial, final_rknn)
+    return record
+
+
+def failure_message(record: dict, log_path: Path) -> str:
+    quoted = record.get("toolkit_error_lines") or []
+    lines = [f"{record['model']}@{record['target']}: conversion failed at "
+             f"{record.get('step') or 'an unknown step'}: {record['error']}"]
+    lines += [f"  toolkit: {line}" for line in quoted[:5]]
+    lines += [f"  {item['explanation']} Fix: {item['fix']}" for item in record["diagnostics"]
+              if item.get("level") == "error"]
+    lines.append(f"  full log: {log_path}")
+    return "\n".join(lines)
+
+
+def load_record(workdir: Path) -> dict | None:
+    return files.read_json(Path(workdir) / "convert.json")
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(record, indent=2, sort_keys=True)

@@ -1,0 +1,162 @@
+"""Conversion worker: one model x target, in its own process.
+
+Run as ``python -m pipeline.worker JOB.json``. The parent (:mod:`pipeline.conversion`)
+points this process's stdout and stderr at ``convert.log``, so the toolkit's
+C++ output (including the layer table, which ``verbose_file=`` does not capture)
+lands in the log with everything else. A crash, a hang or a kill of this
+process cannot corrupt the parent's state, and the toolkit's global state dies
+with it.
+
+The job is plain JSON (see :func:`pipeline.conversion.make_job`); the result is
+plain JSON written to ``job["result_path"]``: ``ok``, the failing ``step`` and
+``error``, the ``op_target`` actually used, ``remaps`` applied, ``verify``
+results and timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def _log(message: str) -> None:
+    print(f"[rknn-pipeline] {message}", flush=True)
+
+
+def _configure(session, job: dict, op_target: dict) -> None:
+    config = dict(job["config"])
+    if op_target:
+        config["op_target"] = dict(op_target)
+    session.config(**config)
+    session.load_onnx(job["onnx"], **job["load_onnx"])
+
+
+def _build_once(session, job: dict, op_target: dict, workdir: Path):
+    """config -> load_onnx -> build (or the two hybrid steps) on a fresh ``session``.
+
+    Returns the session holding the built model (hybrid step2 needs a new one).
+    On failure the given session is left as the failed build left it, so its
+    optimised graph can still be read.
+    """
+    from pipeline.toolkit import Session
+
+    _configure(session, job, op_target)
+    build = dict(job["build"])
+    hybrid = job.get("hybrid")
+    if hybrid:
+        session.hybrid_step1(dataset=build["dataset"], rknn_batch_size=build.get("rknn_batch_size"))
+        session.release()
+        # step1 writes <model>.model/.data/.quantization.cfg next to the cwd; we add the layer ranges.
+        stem = Path(job["onnx"]).stem
+        cfg = workdir / f"{stem}.quantization.cfg"
+        _add_custom_hybrid_layers(cfg, hybrid["custom_layers"])
+        session = Session(verbose=True)
+        session.hybrid_step2(str(workdir / f"{stem}.model"), str(workdir / f"{stem}.data"), str(cfg))
+        return session
+    session.build(**build)
+    return session
+
+
+def _add_custom_hybrid_layers(cfg: Path, layers: list[dict]) -> None:
+    """Write the manifest's ``quantization.hybrid.custom_layers`` into the step1 .cfg.
+
+    The toolkit reads ``custom_quantize_layers: {tensor: float16}`` from that file;
+    writing it here means nobody edits the generated file by hand.
+    """
+    import yaml
+
+    text = cfg.read_text()
+    data = yaml.safe_load(text) or {}
+    custom = data.get("custom_quantize_layers") or {}
+    for layer in layers:
+        for key in ("start", "end"):
+            if layer.get(key):
+                custom[layer[key]] = layer.get("dtype", "float16")
+    data["custom_quantize_layers"] = custom
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    _log(f"hybrid: {len(custom)} custom float layers written to {cfg.name}")
+
+
+def _remap_op_target(session, op_target: dict, tensor_nodes: dict) -> tuple[dict, list[dict]]:
+    """Map keys that the optimised graph no longer has to the same node's new output.
+
+    ``tensor_nodes`` maps each original key to ``[node name, output index]``.
+    """
+    outputs_by_node = session.optimized_node_outputs()
+    known = {name for outs in outputs_by_node.values() for name in outs}
+    remapped: dict = {}
+    remaps: list[dict] = []
+    for key, where in op_target.items():
+        if key in known:
+            remapped[key] = where
+            continue
+        node, index = (tensor_nodes.get(key) or [None, 0])
+        new_outputs = outputs_by_node.get(node) if node else None
+        if not new_outputs:
+            raise RuntimeError(
+                f"op_target key '{key}' is not a tensor of the toolkit's optimised graph and its node "
+                f"'{node}' did not survive optimisation; remove the override or target another node")
+        new_key = new_outputs[min(index, len(new_outputs) - 1)]
+        remapped[new_key] = where
+        remaps.append({"from": key, "to": new_key, "node": node,
+                       "reason": "renamed by the toolkit's graph optimisation"})
+    return remapped, remaps
+
+
+def run(job: dict) -> dict:
+    workdir = Path(job["workdir"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)  # hybrid step1 and the toolkit's temporary files land in cwd
+    result: dict = {"ok": False, "remaps": [], "op_target": dict(job.get("op_target") or {})}
+    started = time.monotonic()
+    op_target = dict(job.get("op_target") or {})
+    try:
+        from pipeline.toolkit import Session, ToolkitError, rejected_op_target_key
+
+        session = Session(verbose=True)
+        try:
+            session = _build_once(session, job, op_target, workdir)
+        except ToolkitError as exc:
+            key = rejected_op_target_key(str(exc))
+            if exc.step != "build" or key is None or not op_target or job.get("hybrid"):
+                raise
+            _log(f"toolkit rejected op_target key '{key}'; remapping through its optimised graph")
+            op_target, remaps = _remap_op_target(session, op_target, job.get("op_target_nodes") or {})
+            session.release()
+            for remap in remaps:
+                _log(f"op_target remap: '{remap['from']}' -> '{remap['to']}' (node {remap['node']})")
+            result["remaps"] = remaps
+            result["op_target"] = op_target
+            session = _build_once(Session(verbose=True), job, op_target, workdir)
+        result["build_seconds"] = round(time.monotonic() - started, 3)
+        session.export(job["rknn_path"])
+        if job.get("verify"):
+            from pipeline.verify import verify_model
+
+            result["verify"] = verify_model(session, job)
+        session.release()
+        result["ok"] = True
+    except Exception as exc:  # reported to the parent, which fails the task with it
+        result["step"] = getattr(exc, "step", None)
+        result["error"] = f"{exc}"
+        result["traceback"] = traceback.format_exc()
+        print(result["traceback"], file=sys.stderr, flush=True)
+    result["seconds"] = round(time.monotonic() - started, 3)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    result = run(job)
+    tmp = Path(job["result_path"] + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, job["result_path"])
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
