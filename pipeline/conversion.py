@@ -179,6 +179,12 @@ def convert(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
         "diagnostics": diagnostics.explain_log(log_text),
     }
     partial = Path(job["rknn_path"])
+    verify = result.get("verify")
+    if result.get("ok") and verify and not verify.get("passed"):
+        worst = min(verify.get("outputs") or [{"cosine": float("nan")}], key=lambda o: o["cosine"])
+        result.update(ok=False, step="verify",
+                      error=f"accuracy check failed: cosine {worst['cosine']:.4f} on output "
+                            f"'{worst.get('name')}' is below min_cosine {verify.get('min_cosine')}")
     if not result.get("ok") or not partial.exists():
         partial.unlink(missing_ok=True)
         record["error"] = result.get("error") or "the toolkit produced no model"

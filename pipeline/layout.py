@@ -1,0 +1,62 @@
+"""Where every artifact lives, in one place (the layout is part of the product's contract).
+
+``build/<name>/<target>/`` holds a model x target's intermediate records and
+logs; ``dist/<target>/<name>.rknn`` plus ``<name>.json`` are the deliverables.
+Model names are validated by the manifest (``[a-z0-9][a-z0-9._-]*``, no ``..``)
+and targets are known platform names, so these paths never leave the tree;
+:meth:`Layout._inside` re-checks it anyway, because a path bug here would write
+outside the project.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class Layout:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.build = self.root / "build"
+        self.dist = self.root / "dist"
+
+    def _inside(self, base: Path, *parts: str) -> Path:
+        path = base.joinpath(*parts)
+        if ".." in parts or not path.resolve().is_relative_to(base.resolve()):
+            raise ValueError(f"refusing path outside {base}: {path}")
+        return path
+
+    def workdir(self, name: str, target: str) -> Path:
+        return self._inside(self.build, name, target)
+
+    def analysis(self, name: str, target: str) -> Path:
+        return self.workdir(name, target) / "analysis.json"
+
+    def resolved(self, name: str, target: str) -> Path:
+        return self.workdir(name, target) / "resolved.json"
+
+    def rknn(self, name: str, target: str) -> Path:
+        return self.workdir(name, target) / "model.rknn"
+
+    def convert_record(self, name: str, target: str) -> Path:
+        return self.workdir(name, target) / "convert.json"
+
+    def placement(self, name: str, target: str) -> Path:
+        return self.workdir(name, target) / "placement.json"
+
+    def log(self, name: str, target: str) -> Path:
+        return self.workdir(name, target) / "convert.log"
+
+    def dist_rknn(self, name: str, target: str) -> Path:
+        return self._inside(self.dist, target, f"{name}.rknn")
+
+    def sidecar(self, name: str, target: str) -> Path:
+        return self._inside(self.dist, target, f"{name}.json")
+
+    def lock_file(self) -> Path:
+        return self.dist / "models.lock.json"
+
+    def report_html(self) -> Path:
+        return self.build / "report.html"
+
+    def report_md(self) -> Path:
+        return self.build / "report.md"

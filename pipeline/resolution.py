@@ -1,0 +1,223 @@
+"""Resolution: turn the manifest's declarative overrides into the exact ``op_target`` the toolkit gets.
+
+Users state intent ("every AveragePool with count_include_pad=0 runs on the
+NPU", "rewrite it exactly"); the toolkit wants a dict keyed by *output tensor*
+names. This module selects nodes from the analysis, checks each action against
+the platform's rules, and writes ``resolved.json``: the op_target dict, one
+explanation per key (which override, which node, which rule), the rewrites
+applied and the notes and warnings a user should read. Names that the
+toolkit's own optimisation renames are fixed later, in the worker, where the
+optimised graph exists (see :func:`pipeline.worker._remap_op_target`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections import defaultdict
+from pathlib import Path
+
+RESOLUTION_FORMAT = 1
+ACTIONS = ("npu", "cpu", "rewrite")
+
+
+class ResolutionError(ValueError):
+    """An override cannot be applied as written; the message says where and what to change."""
+
+
+def override_applies(override: dict, target: str) -> bool:
+    """True when ``override`` is not restricted to other platforms."""
+    targets = override.get("targets")
+    return not targets or target in targets
+
+
+def _equal(actual, expected) -> bool:
+    if isinstance(expected, list) or isinstance(actual, list):
+        return isinstance(actual, list) and isinstance(expected, list) and len(actual) == len(expected) \
+            and all(_equal(a, e) for a, e in zip(actual, expected))
+    if isinstance(actual, (int, float)) and isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        return float(actual) == float(expected)
+    return actual == expected
+
+
+def _matches(node: dict, match: dict, tensor_names: set[str]) -> bool:
+    if "op_type" in match and node["op_type"] != match["op_type"]:
+        return False
+    if "node" in match and not fnmatch.fnmatchcase(node["name"], match["node"]):
+        return False
+    for key, expected in (match.get("attrs") or {}).items():
+        if key not in node["attrs"] or not _equal(node["attrs"][key], expected):
+            return False
+    return not ("tensor" in match and not tensor_names.intersection(node["outputs"]))
+
+
+def select_nodes(nodes: list[dict], match: dict) -> tuple[list[dict], list[str]]:
+    """Nodes that satisfy every key of ``match``, plus notes on how the selector was read.
+
+    A ``tensor`` value that is no tensor but is a node name selects that node
+    (people mix the two up; the toolkit does not forgive it, we do, and say so).
+    """
+    notes: list[str] = []
+    tensors = {match["tensor"]} if "tensor" in match else set()
+    if tensors:
+        all_outputs = {out for node in nodes for out in node["outputs"]}
+        if match["tensor"] not in all_outputs:
+            named = [node for node in nodes if node["name"] == match["tensor"]]
+            if named:
+                tensors = set(named[0]["outputs"])
+                notes.append(f"match.tensor '{match['tensor']}' is a node name, not a tensor; using that node's "
+                             f"output tensor(s) {', '.join(named[0]['outputs'])}")
+    return [node for node in nodes if _matches(node, match, tensors)], notes
+
+
+def nearest_candidates(nodes: list[dict], match: dict, limit: int = 5) -> str:
+    """Plain-language hint of what the selector could have meant."""
+    hints = []
+    if "op_type" in match:
+        present = sorted({n["op_type"] for n in nodes})
+        close = difflib.get_close_matches(match["op_type"], present, n=3)
+        hints.append(f"op types here: {', '.join(close or present[:12])}")
+        same_op = [n for n in nodes if n["op_type"] == match["op_type"]]
+        for key in match.get("attrs") or {}:
+            values = sorted({repr(n["attrs"].get(key)) for n in same_op})
+            if values:
+                hints.append(f"{match['op_type']}.{key} values here: {', '.join(values)}")
+    if "node" in match:
+        names = [n["name"] for n in nodes if n["name"]]
+        hints.append("nearest nodes: " + ", ".join(difflib.get_close_matches(match["node"], names, n=limit, cutoff=0.3)
+                                                   or names[:limit]))
+    if "tensor" in match:
+        outs = [o for n in nodes for o in n["outputs"]]
+        hints.append("nearest tensors: " + ", ".join(difflib.get_close_matches(match["tensor"], outs, n=limit, cutoff=0.3)
+                                                     or outs[:limit]))
+    return "; ".join(hints) or "the selector is empty"
+
+
+def _check_action(action: str, node: dict, target: str, rules, where: str) -> list[str]:
+    """Errors (raised) and warnings (returned) for one node and action on one platform."""
+    warnings = []
+    if action == "cpu" and not rules.cpu_can_run(node["op_type"], target):
+        raise ResolutionError(
+            f"{where}: action cpu on {target}: the {target} CPU runtime cannot run {node['op_type']} "
+            f"(node '{node['name']}'); the model would fail on the board. Use action: npu or rewrite, "
+            f"or restrict the override with targets:")
+    if action == "npu" and node["predicted"]["placement"] in ("cpu", "unsupported"):
+        hint = " Consider action: rewrite, which is exact." if node["op_type"] == "AveragePool" else ""
+        warnings.append(
+            f"node '{node['name']}' ({node['op_type']}) breaks the {target} NPU constraints "
+            f"({node['predicted']['reason']}); forced onto the NPU it may compute different values.{hint}")
+    if action == "rewrite" and node["op_type"] != "AveragePool":
+        raise ResolutionError(f"{where}: action rewrite is defined for AveragePool only; node "
+                              f"'{node['name']}' is {node['op_type']}")
+    return warnings
+
+
+def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict | None = None,
+            workdir: Path | None = None) -> dict:
+    """Resolve ``model['overrides']`` for ``target`` against ``analysis``.
+
+    Args:
+        model: the manifest's effective model record.
+        target: the platform being built.
+        analysis: the document from :func:`pipeline.analysis.analyze` for this model x target.
+        rules: the placement rules, for the cpu/npu checks.
+        locations: override index -> ``"PATH:LINE:COL"``, used in error messages only.
+        workdir: where a rewritten ONNX is written (``rewritten.onnx``); required when an
+            override uses ``action: rewrite``.
+    Returns:
+        The ``resolved.json`` document.
+    Raises:
+        ResolutionError: a selector matches nothing, two overrides disagree on a node, or an
+            action is impossible on this platform.
+    """
+    locations = locations or {}
+    nodes = analysis["nodes"]
+    chosen: dict[int, tuple[str, int]] = {}  # node index -> (action, override index)
+    notes: list[str] = []
+    warnings: list[str] = []
+    applied = []
+    for index, override in enumerate(model.get("overrides") or []):
+        if not override_applies(override, target):
+            continue
+        where = locations.get(index, f"{model['name']}: overrides[{index}]")
+        selected, selector_notes = select_nodes(nodes, override["match"])
+        notes += [f"overrides[{index}]: {note}" for note in selector_notes]
+        if not selected:
+            raise ResolutionError(f"{where}: override matches no node of '{model['name']}' "
+                                  f"({_describe(override['match'])}); {nearest_candidates(nodes, override['match'])}")
+        action = override["action"]
+        for node in selected:
+            earlier = chosen.get(node["index"])
+            if earlier and earlier[0] != action:
+                raise ResolutionError(f"{where}: node '{node['name']}' is also selected by overrides[{earlier[1]}] "
+                                      f"with action {earlier[0]}; make the selectors disjoint")
+            warnings += _check_action(action, node, target, rules, where)
+            chosen[node["index"]] = (action, index)
+        applied.append({"override": index, "action": action, "targets": override.get("targets"),
+                        "nodes": [node["name"] for node in selected]})
+
+    op_target: dict[str, str] = {}
+    explanations: dict[str, dict] = {}
+    rewrite_nodes: list[str] = []
+    for node_index, (action, override_index) in sorted(chosen.items()):
+        node = nodes[node_index]
+        if action == "rewrite":
+            rewrite_nodes.append(node["name"])
+            continue
+        key = node["outputs"][0]
+        op_target[key] = action
+        explanations[key] = {
+            "override": override_index, "action": action, "node": node["name"], "op_type": node["op_type"],
+            "output_index": 0, "predicted": node["predicted"],
+        }
+
+    rewrites: list[dict] = []
+    converted = None
+    if rewrite_nodes:
+        if workdir is None:
+            raise ResolutionError("internal: rewrite needs a working directory")
+        converted, rewrites = _rewrite(model, rewrite_nodes, Path(workdir))
+    return {
+        "format": RESOLUTION_FORMAT,
+        "model": model["name"],
+        "target": target,
+        "op_target": op_target,
+        "explanations": explanations,
+        "overrides_applied": applied,
+        "rewrites": rewrites,
+        "converted_onnx": converted,
+        "notes": notes,
+        "warnings": warnings,
+    }
+
+
+def _describe(match: dict) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in match.items())
+
+
+def _rewrite(model: dict, node_names: list[str], workdir: Path) -> tuple[str, list[dict]]:
+    """Write ``rewritten.onnx`` with every named AveragePool replaced by its exact NPU form."""
+    import onnx
+
+    from pipeline import files
+    from pipeline.analysis import fix_input_shapes
+    from pipeline.rewrite import RewriteError, rewrite_average_pools
+
+    source = onnx.load(model["source"])
+    fix_input_shapes(source, model.get("inputs"))
+    try:
+        rewritten, records = rewrite_average_pools(source, node_names)
+    except RewriteError as exc:
+        raise ResolutionError(f"{model['name']}: rewrite failed: {exc}") from exc
+    path = workdir / "rewritten.onnx"
+    files.atomic_write_bytes(path, rewritten.SerializeToString())
+    return str(path), records
+
+
+def summary_line(resolved: dict) -> str:
+    kinds = defaultdict(int)
+    for item in resolved["explanations"].values():
+        kinds[item["action"]] += 1
+    parts = [f"op_target {len(resolved['op_target'])} keys" + (f" ({', '.join(f'{k} {v}' for k, v in kinds.items())})" if kinds else ""),
+             f"rewrites {len(resolved['rewrites'])}"]
+    return ", ".join(parts)

@@ -1,0 +1,286 @@
+"""The convert and export stages as the tasks run them: cache, verdicts, policy, sidecars, lock.
+
+:mod:`pipeline.conversion` knows how to run the toolkit; this module decides
+*whether* to (a cache hit restores the outputs instead), turns the result into
+the one-line verdict users read, applies the ``cpu_fallback`` policy, and
+writes the deliverables in ``dist/`` with their provenance.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from pipeline import files
+
+SIDECAR_FORMAT = 1
+CACHED_FILES = ("model.rknn", "convert.json", "placement.json", "convert.log")
+
+
+class StageFailed(RuntimeError):
+    """A stage refused or failed; the message names model, target and cause."""
+
+
+def versions() -> dict:
+    """Versions that can change a conversion's result (recorded in every sidecar)."""
+    found = {}
+    for dist in ("rknn-toolkit2", "onnx", "onnxruntime", "numpy", "rknn-pipeline"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    found["python"] = platform.python_version()
+    return found
+
+
+def _rel(manifest, path: str | Path | None) -> str | None:
+    if not path:
+        return None
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(manifest.directory.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def input_hashes(manifest, model: dict, resolved: dict) -> dict:
+    """sha256 of every file that went into a conversion (the provenance the sidecar records)."""
+    from pipeline.cache import file_sha256
+
+    quant = model.get("quantization") or {}
+    doc = {"source": {"path": _rel(manifest, model["source"]), "sha256": file_sha256(model["source"])},
+           "converted_onnx": None, "dataset": None}
+    if resolved.get("converted_onnx"):
+        doc["converted_onnx"] = {"path": _rel(manifest, resolved["converted_onnx"]),
+                                 "sha256": file_sha256(resolved["converted_onnx"])}
+    if quant.get("dataset"):
+        samples = [p for line in quant.get("samples") or [] for p in line.split()]
+        doc["dataset"] = {"path": _rel(manifest, quant["dataset"]), "sha256": file_sha256(quant["dataset"]),
+                          "samples": [{"path": _rel(manifest, p), "sha256": file_sha256(p)} for p in samples]}
+    return doc
+
+
+def cache_document(manifest, model: dict, target: str, resolved: dict) -> dict:
+    """Everything that determines a conversion's outputs, and nothing else (no paths, no times)."""
+    from pipeline.conversion import toolkit_arguments
+    from pipeline.tasks import PIPELINE_FORMAT
+
+    args = toolkit_arguments(model, target, "")
+    del args["source"]
+    hashes = input_hashes(manifest, model, resolved)
+    strip = lambda item: item and {k: v for k, v in item.items() if k != "path"}  # noqa: E731
+    dataset = hashes["dataset"]
+    return {
+        "pipeline_format": PIPELINE_FORMAT,
+        "toolkit": versions()["rknn-toolkit2"],
+        "target": target,
+        "source_sha256": hashes["source"]["sha256"],
+        "converted_onnx_sha256": (hashes["converted_onnx"] or {}).get("sha256"),
+        "dataset_sha256": dataset and dataset["sha256"],
+        "samples_sha256": dataset and [s["sha256"] for s in dataset["samples"]],
+        "arguments": args,
+        "op_target": resolved.get("op_target"),
+        "rewrites": [strip(r) for r in resolved.get("rewrites") or []],
+        "hybrid": (model.get("quantization") or {}).get("hybrid"),
+        "verify": model.get("verify"),
+    }
+
+
+def verdict_line(record: dict, seconds: float | None, hit: bool) -> str:
+    placement = record.get("placement") or {}
+    parts = [f"convert {record['model']}@{record['target']}",
+             f"{seconds:.1f} s" if seconds is not None else "- s",
+             f"NPU {placement.get('npu', '?')} / CPU {placement.get('cpu', '?')}"]
+    verify = record.get("verify")
+    if verify and verify.get("outputs"):
+        parts.append(f"cos {min(o['cosine'] for o in verify['outputs']):.4f}")
+    if hit:
+        parts.append("(cache hit)")
+    return "  ".join(parts)
+
+
+def detail_lines(record: dict) -> list[str]:
+    lines = [f"op_target remap: '{r['from']}' -> '{r['to']}' (node {r['node']}, {r['reason']})"
+             for r in record.get("remaps") or []]
+    for item in record.get("diagnostics") or []:
+        if item.get("benign"):
+            continue
+        count = f" (x{item['count']})" if item.get("count", 1) > 1 else ""
+        lines.append(f"{item['level']}: {item['explanation']}{count} Fix: {item['fix']}"
+                     if item["id"] != "unknown-error" else f"toolkit error: {item['example']}")
+    return lines
+
+
+def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str, list[str]]:
+    """Restore from the artifact cache, or convert and store; return the verdict and detail lines."""
+    import time
+
+    from pipeline import cache, conversion
+
+    name = model["name"]
+    workdir = layout.workdir(name, target)
+    resolved = files.read_json(layout.resolved(name, target))
+    key = cache.cache_key(cache_document(manifest, model, target, resolved))
+    store = cache.store_from(manifest.cache_dir)
+    started = time.monotonic()
+    if store is not None:
+        restored = store.get(key, workdir)
+        if restored is not None and set(CACHED_FILES) <= set(restored):
+            record = files.read_json(layout.convert_record(name, target))
+            record["cache"] = {"key": key, "hit": True}
+            files.atomic_write_json(layout.convert_record(name, target), record)
+            return verdict_line(record, time.monotonic() - started, True), detail_lines(record)
+    try:
+        record = conversion.convert(model, target, resolved, workdir)
+    except conversion.ConversionFailed as exc:
+        raise StageFailed(str(exc)) from exc
+    record["cache"] = {"key": key, "hit": False}
+    files.atomic_write_json(layout.convert_record(name, target), record)
+    if store is not None:
+        try:
+            store.put(key, {f: workdir / f for f in CACHED_FILES}, meta={"model": name, "target": target})
+        except OSError as exc:  # a full or read-only cache must not fail a good build
+            print(f"  warning: could not store {name}@{target} in the cache: {exc}")
+    return verdict_line(record, record.get("seconds"), False), detail_lines(record)
+
+
+def placement_check(model: dict, target: str, record: dict, resolved: dict, rules) -> tuple[list[str], list[str]]:
+    """Apply ``cpu_fallback`` to the actual placement: returns (warnings, errors).
+
+    CPU layers that an override asked for are expected; any other CPU layer is
+    listed. A CPU layer whose op the platform's CPU runtime cannot execute is a
+    warning under every policy: the model builds but fails on the board.
+    """
+    policy = model.get("cpu_fallback", "warn")
+    requested = {item["node"] for item in (resolved.get("explanations") or {}).values() if item["action"] == "cpu"}
+    cpu_layers = (record.get("placement") or {}).get("cpu_layers") or []
+    unexpected = [layer for layer in cpu_layers if layer.get("node") not in requested]
+    warnings, errors = [], []
+    not_runnable = [layer for layer in cpu_layers
+                    if not rules.cpu_can_run(layer["name"].partition(":")[0] or layer["op_type"], target)]
+    if not_runnable:
+        names = ", ".join(layer["name"] for layer in not_runnable)
+        warnings.append(f"{model['name']}@{target}: {len(not_runnable)} layer(s) fall back to the CPU, but the "
+                        f"{target} CPU runtime cannot run them ({names}): expect 'rknn fallback cpu failed' on "
+                        f"the board. Add an override with action: rewrite or npu for them.")
+    if unexpected and policy != "allow":
+        listing = ", ".join(layer["name"] for layer in unexpected)
+        message = (f"{model['name']}@{target}: {len(unexpected)} layer(s) run on the CPU that no override asked "
+                   f"for: {listing}")
+        (errors if policy == "error" else warnings).append(
+            message + (" (cpu_fallback: error)" if policy == "error" else ""))
+    return warnings, errors
+
+
+def predicted_vs_actual(analysis: dict, layers: list[dict]) -> list[dict]:
+    """Nodes whose predicted placement differs from the layer table's (the rules table's misses)."""
+    actual: dict[str, str] = {}
+    for layer in layers:
+        if layer.get("node") and layer["target"] in ("CPU", "NPU"):
+            # a node split into several layers counts as CPU if any part is on the CPU
+            if actual.get(layer["node"]) != "cpu":
+                actual[layer["node"]] = layer["target"].lower()
+    out = []
+    for node in analysis["nodes"]:
+        predicted = node["predicted"]["placement"]
+        got = actual.get(node["name"])
+        if got and predicted in ("npu", "cpu", "unsupported") and (predicted == "npu") != (got == "npu"):
+            out.append({"node": node["name"], "op_type": node["op_type"], "predicted": predicted, "actual": got,
+                        "reason": node["predicted"]["reason"]})
+    return out
+
+
+def export(manifest, layout, model: dict, target: str) -> list[str]:
+    """Check the placement policy, then publish dist/<target>/<name>.rknn and its sidecar."""
+    from pipeline.placement_rules import Rules
+
+    name = model["name"]
+    record = files.read_json(layout.convert_record(name, target))
+    resolved = files.read_json(layout.resolved(name, target))
+    analysis = files.read_json(layout.analysis(name, target))
+    layers = files.read_json(layout.placement(name, target), [])
+    warnings, errors = placement_check(model, target, record, resolved, Rules.load())
+    if errors:
+        raise StageFailed("\n".join(errors + warnings))
+    from pipeline.cache import file_sha256
+
+    rknn = layout.rknn(name, target)
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "model": name,
+        "target": target,
+        "status": "ok",
+        "rknn": {"file": f"{name}.rknn", "sha256": file_sha256(rknn), "size": rknn.stat().st_size},
+        "inputs": input_hashes(manifest, model, resolved),
+        "versions": versions(),
+        "arguments": record["arguments"],
+        "op_target": record.get("op_target"),
+        "remaps": record.get("remaps") or [],
+        "overrides": resolved.get("overrides_applied") or [],
+        "rewrites": resolved.get("rewrites") or [],
+        "placement": record.get("placement"),
+        "predicted_vs_actual": predicted_vs_actual(analysis, layers),
+        "verify": record.get("verify"),
+        "convert_seconds": record.get("seconds"),
+        "cache": record.get("cache"),
+        "diagnostics": [d for d in record.get("diagnostics") or [] if not d.get("benign")],
+        "warnings": warnings + list(resolved.get("warnings") or []),
+    }
+    files.atomic_copy(rknn, layout.dist_rknn(name, target))
+    files.atomic_write_json(layout.sidecar(name, target), sidecar)
+    lines = [f"export {name}@{target}  dist/{target}/{name}.rknn  {sidecar['rknn']['size'] / 1e6:.1f} MB"]
+    lines += [f"  warning: {w}" for w in warnings]
+    return lines
+
+
+LOCK_FIELDS = ("inputs", "versions", "arguments", "op_target", "remaps", "rewrites", "placement")
+
+
+def lock_entry(sidecar: dict) -> dict:
+    """The reproducible part of a sidecar: same inputs and versions give the same entry.
+
+    The .rknn bytes are *not* part of it: the toolkit embeds a few hundred bytes
+    that differ between two builds of the same input (see docs/reproducibility.md).
+    """
+    entry = {field: sidecar.get(field) for field in LOCK_FIELDS}
+    verify = sidecar.get("verify")
+    entry["verify"] = verify and {"samples": verify.get("samples"), "min_cosine": verify.get("min_cosine"),
+                                  "passed": verify.get("passed")}
+    return entry
+
+
+def write_lock(manifest, layout) -> Path:
+    entries, artifacts = {}, {}
+    for model in manifest.models:
+        for target in model["targets"]:
+            sidecar = files.read_json(layout.sidecar(model["name"], target))
+            if sidecar is None:
+                continue
+            key = f"{target}/{model['name']}"
+            entries[key] = lock_entry(sidecar)
+            artifacts[key] = sidecar["rknn"]
+    path = layout.lock_file()
+    files.atomic_write_json(path, {"format": SIDECAR_FORMAT, "entries": entries, "artifacts": artifacts})
+    return path
+
+
+def report_records(manifest, layout) -> list[dict]:
+    """One record per model x target: its sidecar, or the failure that stopped it."""
+    records = []
+    for model in manifest.models:
+        for target in model["targets"]:
+            sidecar = files.read_json(layout.sidecar(model["name"], target))
+            if sidecar is None:
+                failed = files.read_json(layout.convert_record(model["name"], target)) or {}
+                sidecar = {"model": model["name"], "target": target,
+                           "status": "failed" if failed.get("error") else "not built",
+                           "error": failed.get("error"), "placement": failed.get("placement")}
+            records.append(sidecar)
+    return records
+
+
+def write_report(manifest, layout) -> tuple[Path, Path]:
+    from pipeline.report import write_report as render
+
+    return render(report_records(manifest, layout), layout.build)

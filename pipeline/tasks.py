@@ -1,0 +1,320 @@
+"""doit wiring: the one place where stages become tasks.
+
+Per model x target: ``analyze`` -> ``resolve`` -> ``convert`` -> ``export``
+(subtasks named ``<name>@<target>``), plus the aggregate ``lock`` and ``report``.
+Each task declares exactly its inputs: ``file_dep`` on the files it reads, and a
+``config_changed`` key over the canonical JSON of only the manifest fields it
+uses, so an edit of one model's override reruns that model's tasks for the
+targets the override applies to and nothing else. Actions are module-level
+functions with plain arguments, so ``doit -n N`` (process mode) can ship them
+to worker processes.
+
+A user's ``dodo.py`` only does ``from pipeline.tasks import *`` (see the repo's
+``dodo.py``); the manifest is ``models.yaml`` beside it or ``doit manifest=PATH``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+from doit import get_var
+from doit.exceptions import TaskFailed
+from doit.tools import config_changed
+
+from pipeline import __version__, files
+from pipeline.layout import Layout
+
+DOIT_CONFIG = {
+    # dbm cannot be shared between processes; sqlite3 can (doit -n N, concurrent readers).
+    "backend": "sqlite3",
+    "dep_file": ".doit.db",
+    "default_tasks": ["analyze", "resolve", "convert", "export", "lock", "report"],
+    "verbosity": 2,
+}
+
+PIPELINE_FORMAT = 1  # bump when an artifact's meaning changes: invalidates caches and tasks
+
+
+def _fail_and_exit(message: str) -> None:
+    print(message, file=sys.stderr)
+    raise SystemExit(1)
+
+
+@lru_cache(maxsize=1)
+def context():
+    """The loaded manifest and its layout, once per process; bad input exits with PATH:LINE:COL lines."""
+    from pipeline.manifest import ManifestError, load_manifest
+    from pipeline.toolkit import installed_version
+
+    path = Path(get_var("manifest", "models.yaml"))
+    try:
+        manifest = load_manifest(path)
+    except ManifestError as exc:
+        _fail_and_exit(str(exc))
+    installed = installed_version()
+    if manifest.toolkit and manifest.toolkit != installed:
+        _fail_and_exit(f"{manifest.location('toolkit')}: the manifest expects rknn-toolkit2 {manifest.toolkit}, "
+                       f"but {installed or 'none'} is installed; install rknn-toolkit2=={manifest.toolkit} "
+                       f"(uv sync) or update `toolkit:`")
+    _hold_tree_lock(manifest.directory)
+    return manifest, Layout(manifest.directory)
+
+
+_LOCK_HANDLE = None
+
+
+def _hold_tree_lock(directory: Path) -> None:
+    """Serialise doit runs in one tree: a second run waits for the first instead of racing it.
+
+    The lock is an flock on ``.doit.lock`` held for the life of the process (the
+    kernel releases it when the process dies, even on SIGKILL, so a killed run
+    never leaves a stale lock). ``RKNN_PIPELINE_LOCK_WAIT`` caps the wait in seconds.
+    """
+    global _LOCK_HANDLE
+    if _LOCK_HANDLE is not None:
+        return
+    handle = open(directory / ".doit.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        limit = float(os.environ.get("RKNN_PIPELINE_LOCK_WAIT", "3600"))
+        print(f"another doit run is building in {directory}; waiting up to {limit:g} s for it to finish",
+              file=sys.stderr, flush=True)
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    _fail_and_exit(f"another doit run still holds {directory / '.doit.lock'} after {limit:g} s; "
+                                   f"stop it or raise RKNN_PIPELINE_LOCK_WAIT")
+                time.sleep(0.2)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _LOCK_HANDLE = handle
+
+
+def pairs():
+    manifest, layout = context()
+    for model in manifest.models:
+        for target in model["targets"]:
+            yield model, target, layout
+
+
+def _sid(model: dict, target: str) -> str:
+    return f"{model['name']}@{target}"
+
+
+def _samples(model: dict) -> list[str]:
+    quant = model.get("quantization") or {}
+    paths = [quant["dataset"]] if quant.get("dataset") else []
+    for line in quant.get("samples") or []:
+        paths += line.split()
+    return paths
+
+
+# -- keys: only the manifest fields each task uses ---------------------------
+
+def analyze_key(model: dict, target: str) -> dict:
+    from pipeline.placement_rules import Rules
+
+    return {"format": PIPELINE_FORMAT, "target": target, "inputs": model.get("inputs"),
+            "outputs": model.get("outputs"), "rules": Rules.load().version}
+
+
+def resolve_key(model: dict, target: str) -> dict:
+    from pipeline.resolution import override_applies
+
+    return {"format": PIPELINE_FORMAT, "target": target, "inputs": model.get("inputs"),
+            "overrides": [o for o in model.get("overrides") or [] if override_applies(o, target)]}
+
+
+def convert_key(model: dict, target: str) -> dict:
+    from pipeline.conversion import toolkit_arguments
+    from pipeline.toolkit import installed_version
+
+    args = toolkit_arguments(model, target, "")
+    del args["source"]
+    quant = model.get("quantization") or {}
+    return {"format": PIPELINE_FORMAT, "toolkit": installed_version(), "arguments": args,
+            "hybrid": quant.get("hybrid"), "verify": model.get("verify")}
+
+
+def export_key(model: dict, target: str) -> dict:
+    return {"format": PIPELINE_FORMAT, "cpu_fallback": model.get("cpu_fallback", "warn"),
+            "verify": model.get("verify")}
+
+
+# -- actions (module level: picklable for doit -n N) --------------------------
+
+def run_analyze(name: str, target: str) -> TaskFailed | None:
+    from pipeline import analysis
+    from pipeline.placement_rules import Rules
+
+    manifest, layout = context()
+    model = manifest.model(name)
+    try:
+        doc = analysis.analyze(model, target, Rules.load())
+    except analysis.AnalysisError as exc:
+        return TaskFailed(f"{manifest.location('models', model['index'], 'source')}: {name}@{target}: {exc}")
+    files.atomic_write_json(layout.analysis(name, target), doc)
+    print(f"analyze {name}@{target}  {analysis.summary_line(doc)}")
+    return None
+
+
+def run_resolve(name: str, target: str) -> TaskFailed | None:
+    from pipeline import resolution
+    from pipeline.placement_rules import Rules
+
+    manifest, layout = context()
+    model = manifest.model(name)
+    locations = {i: manifest.location("models", model["index"], "overrides", i)
+                 for i in range(len(model.get("overrides") or []))}
+    doc = files.read_json(layout.analysis(name, target))
+    try:
+        resolved = resolution.resolve(model, target, doc, Rules.load(), locations=locations,
+                                      workdir=layout.workdir(name, target))
+    except resolution.ResolutionError as exc:
+        return TaskFailed(str(exc))
+    files.atomic_write_json(layout.resolved(name, target), resolved)
+    print(f"resolve {name}@{target}  {resolution.summary_line(resolved)}")
+    for note in resolved["notes"]:
+        print(f"  note: {note}")
+    for warning in resolved["warnings"]:
+        print(f"  warning: {warning}")
+    return None
+
+
+def run_convert(name: str, target: str) -> TaskFailed | None:
+    from pipeline import stages
+
+    manifest, layout = context()
+    try:
+        line, details = stages.convert_with_cache(manifest, layout, manifest.model(name), target)
+    except stages.StageFailed as exc:
+        return TaskFailed(str(exc))
+    print(line)
+    for detail in details:
+        print(f"  {detail}")
+    return None
+
+
+def run_export(name: str, target: str) -> TaskFailed | None:
+    from pipeline import stages
+
+    manifest, layout = context()
+    try:
+        lines = stages.export(manifest, layout, manifest.model(name), target)
+    except stages.StageFailed as exc:
+        return TaskFailed(str(exc))
+    for line in lines:
+        print(line)
+    return None
+
+
+def run_lock() -> None:
+    from pipeline import stages
+
+    manifest, layout = context()
+    path = stages.write_lock(manifest, layout)
+    print(f"lock  {path.relative_to(manifest.directory)}")
+
+
+def run_report() -> None:
+    from pipeline import stages
+
+    manifest, layout = context()
+    html, md = stages.write_report(manifest, layout)
+    print(f"report  {html.relative_to(manifest.directory)}  {md.relative_to(manifest.directory)}")
+
+
+# -- task generators ---------------------------------------------------------
+
+def task_analyze():
+    """Graph analysis and predicted placement per model x target (no toolkit)."""
+    from pipeline.placement_rules import DEFAULT_RULES_PATH
+
+    for model, target, layout in pairs():
+        yield {
+            "name": _sid(model, target),
+            "actions": [(run_analyze, [model["name"], target])],
+            "file_dep": [model["source"], str(DEFAULT_RULES_PATH)],
+            "targets": [str(layout.analysis(model["name"], target))],
+            "uptodate": [config_changed(analyze_key(model, target))],
+            "clean": True,
+        }
+
+
+def task_resolve():
+    """Overrides -> the op_target dict the toolkit gets, and exact rewrites."""
+    from pipeline.placement_rules import DEFAULT_RULES_PATH
+
+    for model, target, layout in pairs():
+        name = model["name"]
+        yield {
+            "name": _sid(model, target),
+            "actions": [(run_resolve, [name, target])],
+            "file_dep": [str(layout.analysis(name, target)), str(DEFAULT_RULES_PATH)],
+            "targets": [str(layout.resolved(name, target))],
+            "uptodate": [config_changed(resolve_key(model, target))],
+            "clean": True,
+        }
+
+
+def task_convert():
+    """The toolkit run (or a cache restore): build/<name>/<target>/model.rknn and placement.json."""
+    for model, target, layout in pairs():
+        name = model["name"]
+        yield {
+            "name": _sid(model, target),
+            "actions": [(run_convert, [name, target])],
+            "file_dep": [str(layout.resolved(name, target)), model["source"], *_samples(model)],
+            "targets": [str(layout.rknn(name, target)), str(layout.convert_record(name, target)),
+                        str(layout.placement(name, target))],
+            "uptodate": [config_changed(convert_key(model, target))],
+            "clean": True,
+        }
+
+
+def task_export():
+    """dist/<target>/<name>.rknn and its sidecar, after the CPU-fallback policy."""
+    for model, target, layout in pairs():
+        name = model["name"]
+        yield {
+            "name": _sid(model, target),
+            "actions": [(run_export, [name, target])],
+            "file_dep": [str(layout.rknn(name, target)), str(layout.convert_record(name, target)),
+                         str(layout.analysis(name, target)), str(layout.resolved(name, target))],
+            "targets": [str(layout.dist_rknn(name, target)), str(layout.sidecar(name, target))],
+            "uptodate": [config_changed(export_key(model, target))],
+            "clean": True,
+        }
+
+
+def task_lock():
+    """dist/models.lock.json: every artifact with the hashes of what produced it."""
+    sidecars = [str(layout.sidecar(m["name"], t)) for m, t, layout in pairs()]
+    _, layout = context()
+    return {"actions": [(run_lock, [])], "file_dep": sidecars, "targets": [str(layout.lock_file())],
+            "uptodate": [config_changed({"format": PIPELINE_FORMAT, "version": __version__})], "clean": True}
+
+
+def task_report():
+    """build/report.html and build/report.md: what runs where, per model x target."""
+    sidecars = [str(layout.sidecar(m["name"], t)) for m, t, layout in pairs()]
+    _, layout = context()
+    return {"actions": [(run_report, [])], "file_dep": sidecars,
+            "targets": [str(layout.report_html()), str(layout.report_md())],
+            "uptodate": [config_changed({"format": PIPELINE_FORMAT, "version": __version__})], "clean": True}
+
+
+__all__ = ["DOIT_CONFIG", "task_analyze", "task_resolve", "task_convert", "task_export", "task_lock",
+           "task_report"]
