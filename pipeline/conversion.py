@@ -100,6 +100,16 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
     }
 
 
+def worker_python() -> str:
+    """The interpreter that runs conversion workers.
+
+    ``RKNN_PIPELINE_WORKER_PYTHON`` selects another one, e.g. a wrapper that
+    runs the toolkit under a memory limit or in another environment that has
+    this package installed; by default the worker uses this process's Python.
+    """
+    return os.environ.get("RKNN_PIPELINE_WORKER_PYTHON") or sys.executable
+
+
 def run_worker(job: dict, log_path: Path, timeout: float) -> dict:
     """Run :mod:`pipeline.worker` on ``job``; return its result plus ``returncode``.
 
@@ -116,7 +126,7 @@ def run_worker(job: dict, log_path: Path, timeout: float) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     started = time.monotonic()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.worker", str(job_path)],
+        proc = subprocess.Popen([worker_python(), "-m", "pipeline.worker", str(job_path)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
         try:
