@@ -62,7 +62,9 @@ class Session:
         try:
             ret = self.rknn.build(**kwargs)
         except Exception as exc:  # the toolkit raises plain ValueError/AttributeError
-            raise ToolkitError("build", f"{type(exc).__name__}: {exc}") from exc
+            # Its messages embed a whole traceback; the last line is the one that explains.
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise ToolkitError("build", lines[-1] if lines else type(exc).__name__) from exc
         self._check("build", ret)
 
     def export(self, path: str) -> None:

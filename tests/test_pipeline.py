@@ -1,0 +1,118 @@
+"""End to end with the real toolkit: the example manifest through doit, into dist/.
+
+One module-scoped build of the repository's own models.yaml in a throwaway copy
+of the project; the tests then read what it produced. This is the proof of the
+foundation and of the op_target issue on real conversions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, Project
+
+pytestmark = pytest.mark.toolkit
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    project = Project(tmp_path_factory.mktemp("example"))
+    shutil.copy(REPO / "models.yaml", project.root / "models.yaml")
+    first = project.doit()
+    second = project.doit()
+    return project, first, second
+
+
+def _sidecar(project, target, name):
+    return json.loads((project.root / "dist" / target / f"{name}.json").read_text())
+
+
+def test_every_model_and_target_lands_in_dist(built):
+    project, first, _ = built
+    expected = [("rk3588", "inception_v2"), ("rv1106", "inception_v2_int8"), ("rk3588", "resnet50"),
+                ("rk3588", "shufflenet")]
+    for target, name in expected:
+        rknn = project.root / "dist" / target / f"{name}.rknn"
+        assert rknn.stat().st_size > 100_000, rknn
+        sidecar = _sidecar(project, target, name)
+        assert sidecar["model"] == name and sidecar["target"] == target
+        assert sidecar["versions"]["rknn-toolkit2"] == "2.5.0"
+        assert len(sidecar["inputs"]["source"]["sha256"]) == 64
+        assert sidecar["arguments"]["config"]["target_platform"] == target
+        assert f"convert {name}@{target}" in first.stdout
+    assert (project.root / "dist" / "models.lock.json").is_file()
+    assert (project.root / "build" / "report.html").is_file()
+    assert not list(project.root.rglob("*.partial"))
+
+
+def test_second_run_converts_nothing(built):
+    _, _, second = built
+    assert Project.ran(second) == set(), second.stdout
+
+
+def test_override_npu_moves_the_seven_averagepools_to_the_npu(built):
+    project, first, _ = built
+    sidecar = _sidecar(project, "rk3588", "inception_v2")
+    assert sidecar["placement"]["cpu"] == 0
+    assert len(sidecar["op_target"]) == 8 and set(sidecar["op_target"].values()) == {"npu"}
+    # the build says that forcing count_include_pad=0 pools onto the NPU may change values
+    assert any("rewrite" in w for w in sidecar["warnings"])
+    # and the layer table disagrees with the rules' prediction exactly on those pools
+    disagreements = {d["node"] for d in sidecar["predicted_vs_actual"]}
+    assert disagreements == {"n65", "n116", "n204", "n255", "n306", "n357", "n445"}
+
+
+def test_rewrite_runs_every_pool_on_the_npu_of_rv1106_with_empty_op_target(built):
+    project, _, _ = built
+    sidecar = _sidecar(project, "rv1106", "inception_v2_int8")
+    assert sidecar["op_target"] == {}
+    assert sidecar["placement"]["cpu"] == 0
+    assert len(sidecar["rewrites"]) >= 7
+    assert sidecar["inputs"]["converted_onnx"]["path"].endswith("rewritten.onnx")
+    assert sidecar["arguments"]["build"]["do_quantization"] is True
+
+
+def test_verify_records_accuracy_per_output(built):
+    project, first, _ = built
+    sidecar = _sidecar(project, "rk3588", "resnet50")
+    outputs = sidecar["verify"]["outputs"]
+    assert outputs and all(o["cosine"] >= 0.99 for o in outputs)
+    assert "cos " in first.stdout
+
+
+def test_rknn_status_reports_everything_up_to_date(built):
+    project, _, _ = built
+    proc = project.doit("rknn-status")
+    assert "4 of 4 up to date" in proc.stdout
+
+
+def test_lock_entries_are_reproducible_from_a_clean_tree(built, tmp_path):
+    project, _, _ = built
+    before = json.loads((project.root / "dist" / "models.lock.json").read_text())["entries"]
+    import yaml
+
+    clean = Project(tmp_path)
+    manifest = yaml.safe_load((REPO / "models.yaml").read_text())
+    # rebuild one model only, to keep the test short: its lock entry must be identical
+    manifest["models"] = [m for m in manifest["models"] if m["name"] == "resnet50"]
+    clean.write_manifest(yaml.safe_dump(manifest))
+    clean.doit("lock")
+    after = json.loads((clean.root / "dist" / "models.lock.json").read_text())["entries"]
+    assert after["rk3588/resnet50"] == before["rk3588/resnet50"]
+
+
+def test_a_copy_of_dodo_builds_in_an_empty_directory(tmp_path, pool_identity_model):
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    shutil.copy(REPO / "dodo.py", workdir / "dodo.py")
+    shutil.copy(pool_identity_model, workdir / "tiny.onnx")
+    (workdir / "models.yaml").write_text("version: 1\nmodels:\n  - name: tiny\n    source: tiny.onnx\n"
+                                         "    targets: [rk3588]\n")
+    proc = subprocess.run([sys.executable, "-m", "doit"], cwd=workdir, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (workdir / "dist" / "rk3588" / "tiny.rknn").is_file()
