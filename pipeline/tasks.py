@@ -109,6 +109,15 @@ def pairs():
             yield model, target, layout
 
 
+def _rewritten(model: dict, target: str, layout) -> list[str]:
+    """``rewritten.onnx`` when an override rewrites nodes on this target (resolve makes it, convert reads it)."""
+    from pipeline.resolution import override_applies
+
+    if any(o["action"] == "rewrite" and override_applies(o, target) for o in model.get("overrides") or []):
+        return [str(layout.workdir(model["name"], target) / "rewritten.onnx")]
+    return []
+
+
 def _sid(model: dict, target: str) -> str:
     return f"{model['name']}@{target}"
 
@@ -262,8 +271,9 @@ def task_resolve():
         yield {
             "name": _sid(model, target),
             "actions": [(run_resolve, [name, target])],
-            "file_dep": [str(layout.analysis(name, target)), str(DEFAULT_RULES_PATH)],
-            "targets": [str(layout.resolved(name, target))],
+            # the source too: a rewrite copies its weights into rewritten.onnx
+            "file_dep": [str(layout.analysis(name, target)), str(DEFAULT_RULES_PATH), model["source"]],
+            "targets": [str(layout.resolved(name, target)), *_rewritten(model, target, layout)],
             "uptodate": [config_changed(resolve_key(model, target))],
             "clean": True,
         }
@@ -276,7 +286,8 @@ def task_convert():
         yield {
             "name": _sid(model, target),
             "actions": [(run_convert, [name, target])],
-            "file_dep": [str(layout.resolved(name, target)), model["source"], *_samples(model)],
+            "file_dep": [str(layout.resolved(name, target)), model["source"], *_rewritten(model, target, layout),
+                         *_samples(model)],
             "targets": [str(layout.rknn(name, target)), str(layout.convert_record(name, target)),
                         str(layout.placement(name, target))],
             "uptodate": [config_changed(convert_key(model, target))],

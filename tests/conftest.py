@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 
-def make_pool_identity_model(path: Path) -> Path:
+def make_pool_identity_model(path: Path, seed: int = 0) -> Path:
     """Conv -> AveragePool(count_include_pad=0, pads 1) -> Identity -> graph output.
 
     The toolkit folds the Identity, so the pool's output tensor '301' is renamed
@@ -25,7 +25,7 @@ def make_pool_identity_model(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weights = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    weights = numpy_helper.from_array(np.random.default_rng(seed).standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv0", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
         helper.make_node("AveragePool", ["c"], ["301"], name="pool0", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
@@ -40,6 +40,21 @@ def make_pool_identity_model(path: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def make_npy_dataset(directory: Path, count: int = 2, shape=(1, 3, 16, 16), seed: int = 0) -> Path:
+    """A calibration list of .npy samples (``dataset.txt``, paths relative to it)."""
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = []
+    for index in range(count):
+        name = f"sample_{index}.npy"
+        np.save(directory / name, rng.uniform(0, 1, size=shape).astype(np.float32))
+        names.append(name)
+    (directory / "dataset.txt").write_text("".join(f"{name}\n" for name in names))
+    return directory / "dataset.txt"
 
 
 @pytest.fixture
