@@ -75,6 +75,20 @@ def toolkit_arguments(model: dict, target: str, source: str) -> dict:
     return {"config": config, "load_onnx": load, "build": build, "source": source}
 
 
+def portable(value, base: Path):
+    """``value`` with absolute paths under ``base`` made relative (records and keys must not
+    depend on where the project is checked out: a CI clone must hit a cache filled elsewhere)."""
+    if isinstance(value, dict):
+        return {key: portable(item, base) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item, base) for item in value]
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        if path.is_relative_to(base):
+            return path.relative_to(base).as_posix()
+    return value
+
+
 def make_job(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
     """The worker's job document (plain JSON)."""
     onnx_path = resolved.get("converted_onnx") or model["source"]

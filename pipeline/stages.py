@@ -63,10 +63,10 @@ def input_hashes(manifest, model: dict, resolved: dict) -> dict:
 
 def cache_document(manifest, model: dict, target: str, resolved: dict) -> dict:
     """Everything that determines a conversion's outputs, and nothing else (no paths, no times)."""
-    from pipeline.conversion import toolkit_arguments
+    from pipeline.conversion import portable, toolkit_arguments
     from pipeline.tasks import PIPELINE_FORMAT
 
-    args = toolkit_arguments(model, target, "")
+    args = portable(toolkit_arguments(model, target, ""), Path(manifest.directory).resolve())
     del args["source"]
     hashes = input_hashes(manifest, model, resolved)
     strip = lambda item: item and {k: v for k, v in item.items() if k != "path"}  # noqa: E731
@@ -193,6 +193,7 @@ def predicted_vs_actual(analysis: dict, layers: list[dict]) -> list[dict]:
 
 def export(manifest, layout, model: dict, target: str) -> list[str]:
     """Check the placement policy, then publish dist/<target>/<name>.rknn and its sidecar."""
+    from pipeline.conversion import portable
     from pipeline.placement_rules import Rules
 
     name = model["name"]
@@ -214,7 +215,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "rknn": {"file": f"{name}.rknn", "sha256": file_sha256(rknn), "size": rknn.stat().st_size},
         "inputs": input_hashes(manifest, model, resolved),
         "versions": versions(),
-        "arguments": record["arguments"],
+        "arguments": portable(record["arguments"], layout.root),
         "op_target": record.get("op_target"),
         "remaps": record.get("remaps") or [],
         "overrides": resolved.get("overrides_applied") or [],

@@ -146,11 +146,11 @@ def resolve_key(model: dict, target: str) -> dict:
             "overrides": [o for o in model.get("overrides") or [] if override_applies(o, target)]}
 
 
-def convert_key(model: dict, target: str) -> dict:
-    from pipeline.conversion import toolkit_arguments
+def convert_key(model: dict, target: str, base: Path) -> dict:
+    from pipeline.conversion import portable, toolkit_arguments
     from pipeline.toolkit import installed_version
 
-    args = toolkit_arguments(model, target, "")
+    args = portable(toolkit_arguments(model, target, ""), base)
     del args["source"]
     quant = model.get("quantization") or {}
     return {"format": PIPELINE_FORMAT, "toolkit": installed_version(), "arguments": args,
@@ -290,7 +290,7 @@ def task_convert():
                          *_samples(model)],
             "targets": [str(layout.rknn(name, target)), str(layout.convert_record(name, target)),
                         str(layout.placement(name, target))],
-            "uptodate": [config_changed(convert_key(model, target))],
+            "uptodate": [config_changed(convert_key(model, target, layout.root))],
             "clean": True,
         }
 

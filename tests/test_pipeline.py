@@ -34,7 +34,7 @@ def _sidecar(project, target, name):
 
 def test_every_model_and_target_lands_in_dist(built):
     project, first, _ = built
-    expected = [("rk3588", "inception_v2"), ("rv1106", "inception_v2_int8"), ("rk3588", "resnet50"),
+    expected = [("rk3588", "inception_v2"), ("rv1106", "inception_v2_int8"), ("rk3588", "densenet121"),
                 ("rk3588", "shufflenet")]
     for target, name in expected:
         rknn = project.root / "dist" / target / f"{name}.rknn"
@@ -79,7 +79,7 @@ def test_rewrite_runs_every_pool_on_the_npu_of_rv1106_with_empty_op_target(built
 
 def test_verify_records_accuracy_per_output(built):
     project, first, _ = built
-    sidecar = _sidecar(project, "rk3588", "resnet50")
+    sidecar = _sidecar(project, "rk3588", "densenet121")
     outputs = sidecar["verify"]["outputs"]
     assert outputs and all(o["cosine"] >= 0.99 for o in outputs)
     assert "cos " in first.stdout
@@ -99,11 +99,11 @@ def test_lock_entries_are_reproducible_from_a_clean_tree(built, tmp_path):
     clean = Project(tmp_path)
     manifest = yaml.safe_load((REPO / "models.yaml").read_text())
     # rebuild one model only, to keep the test short: its lock entry must be identical
-    manifest["models"] = [m for m in manifest["models"] if m["name"] == "resnet50"]
+    manifest["models"] = [m for m in manifest["models"] if m["name"] == "densenet121"]
     clean.write_manifest(yaml.safe_dump(manifest))
     clean.doit("lock")
     after = json.loads((clean.root / "dist" / "models.lock.json").read_text())["entries"]
-    assert after["rk3588/resnet50"] == before["rk3588/resnet50"]
+    assert after["rk3588/densenet121"] == before["rk3588/densenet121"]
 
 
 def test_a_copy_of_dodo_builds_in_an_empty_directory(tmp_path, pool_identity_model):
