@@ -1,0 +1,833 @@
+"""Load, validate and normalise ``models.yaml``, the pipeline's manifest.
+
+Every later stage trusts what this module returns, so all checking happens
+here, before any conversion starts: the JSON Schema (shared with editors via
+the ``yaml-language-server`` comment), then the rules a schema cannot
+express (unique names, platform limits from :mod:`pipeline.platforms`,
+files that must exist, tensor names that must be in the ONNX graph). All
+problems are collected and reported together as ``PATH:LINE:COL: message``
+so one run shows everything to fix. The result holds plain JSON data with
+defaults merged in and paths made absolute, ready to hash and to pass on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import errno
+import functools
+import json
+import os
+import re
+import stat
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from . import platforms
+from .yaml_source import YamlDocument, YamlError, load_yaml
+
+SAMPLE_TYPES = (".npy", ".jpg", ".jpeg", ".png", ".bmp")
+
+# Op types accepted without loading ONNX's operator registry.
+_COMMON_OPS = frozenset(
+    "Abs Add And ArgMax ArgMin AveragePool BatchNormalization Cast Ceil Clip Concat Constant "
+    "ConstantOfShape Conv ConvTranspose DepthToSpace Div Dropout Einsum Elu Equal Erf Exp Expand "
+    "Flatten Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalMaxPool Greater "
+    "GridSample GRU HardSigmoid HardSwish Identity InstanceNormalization LayerNormalization LeakyRelu "
+    "Less Log LogSoftmax LRN LSTM MatMul Max MaxPool Mean Min Mish Mod Mul Neg Not Or Pad Pow PRelu "
+    "ReduceL2 ReduceMax ReduceMean ReduceMin ReduceSum Relu Reshape Resize RNN ScatterND Shape Sigmoid "
+    "Sign Sin Slice Softmax Softplus SpaceToDepth Split Sqrt Squeeze Sub Sum Tanh Tile TopK Transpose "
+    "Unsqueeze Upsample Where Xor".split()
+)
+
+_TYPE_WORDS = {
+    "object": "a mapping",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "null",
+}
+_ENUM_NOUNS = {"targets": "platform", "dtype": "quantization dtype", "algorithm": "quantization algorithm"}
+
+
+class Problem(NamedTuple):
+    """One thing wrong with a manifest, at a 1-based position in it."""
+
+    path: str
+    line: int
+    col: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.col}: {self.message}"
+
+
+class ManifestError(Exception):
+    """A manifest that cannot be used; ``problems`` says why, sorted by line."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(map(str, self.problems)))
+
+
+@dataclass
+class Manifest:
+    """A valid manifest: effective models with defaults merged and paths absolute."""
+
+    path: Path
+    directory: Path
+    version: int
+    toolkit: str | None
+    cache_dir: Path | None
+    models: list[dict]
+    _doc: YamlDocument = field(repr=False, compare=False)
+
+    def location(self, *path) -> str:
+        """``PATH:LINE:COL`` of the value at ``path`` (or its nearest parent)."""
+        _, (line, col) = _locate(self._doc, path)
+        return f"{self._doc.name}:{line}:{col}"
+
+    def model(self, name: str) -> dict:
+        for model in self.models:
+            if model["name"] == name:
+                return model
+        raise KeyError(f"no model named {name!r} in {self._doc.name}")
+
+
+def load_manifest(path, *, check_files: bool = True) -> Manifest:
+    """Load and check the manifest at ``path``; raise ManifestError if it is bad.
+
+    With ``check_files=False`` nothing but the manifest itself is read: sources,
+    datasets and ONNX graphs go unchecked and ``quantization["samples"]`` is None.
+    """
+    try:
+        doc = load_yaml(path)
+    except YamlError as error:
+        raise ManifestError([Problem(error.name, error.line, error.col, error.message)]) from None
+    if not isinstance(doc.data, dict):
+        raise ManifestError([_top_level_problem(doc)])
+    directory = Path(os.path.abspath(path)).parent
+    report = _Report(doc)
+    broken = _check_schema(doc, report)
+    models = _effective_models(doc.data, directory)
+    _Checker(report, doc.data, models, broken, check_files).run()
+    if report.problems:
+        raise ManifestError(report.sorted())
+    cache = doc.data.get("cache")
+    return Manifest(
+        path=Path(path),
+        directory=directory,
+        version=doc.data["version"],
+        toolkit=doc.data.get("toolkit"),
+        cache_dir=Path(_absolute(directory, cache["dir"])) if cache else None,
+        models=models,
+        _doc=doc,
+    )
+
+
+def _top_level_problem(doc: YamlDocument) -> Problem:
+    if doc.data is None:
+        message = "the manifest is empty: it needs version: 1 and a models: list"
+    else:
+        message = f"the manifest must be a mapping with version: and models:, not {_describe(doc.data)}"
+    return Problem(doc.name, *doc.position(()), message)
+
+
+# -- positions ---------------------------------------------------------------
+
+
+def _locate(doc: YamlDocument, path, key: bool = False) -> tuple[tuple, tuple[int, int]]:
+    """The document path that best shows ``path``, and its (line, col).
+
+    A model's effective value may come from ``defaults:``; then the position
+    there is used, unless the model itself has a deeper match.
+    """
+    path = tuple(path)
+    exact = doc.key_position(path) if key else doc.position(path)
+    if exact:
+        return path, exact
+    found, where = doc.nearest(path)
+    if len(path) > 2 and path[0] == "models":
+        alternative = ("defaults", *path[2:])
+        in_defaults = doc.key_position(alternative) if key else doc.position(alternative)
+        if in_defaults:
+            return alternative, in_defaults
+        deeper, position = doc.nearest(alternative)
+        if len(deeper) - 1 > len(found) - 2:
+            return deeper, position
+    return found, where
+
+
+class _Report:
+    """Collects problems at document paths."""
+
+    def __init__(self, doc: YamlDocument):
+        self.doc = doc
+        self.problems: list[Problem] = []
+
+    def add(self, path, message: str, *, key: bool = False) -> None:
+        _, (line, col) = _locate(self.doc, path, key)
+        self.problems.append(Problem(self.doc.name, line, col, message))
+
+    def add_model(self, model: dict, *rest, message: str, key: bool = False) -> None:
+        """Report at a path inside an effective model, noting values from defaults."""
+        used, (line, col) = _locate(self.doc, ("models", model["index"], *rest), key)
+        if used[:1] == ("defaults",):
+            message += f" (model {model['name']!r}, set in defaults)"
+        self.problems.append(Problem(self.doc.name, line, col, message))
+
+    def sorted(self) -> list[Problem]:
+        return sorted(set(self.problems), key=lambda p: (p.line, p.col, p.message))
+
+
+# -- schema --------------------------------------------------------------------
+
+
+def _schema_file() -> Path:
+    here = Path(__file__).resolve().parent
+    installed = here / "_schema" / "models.schema.json"
+    return installed if installed.exists() else here.parent / "schema" / "models.schema.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict:
+    return json.loads(_schema_file().read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    from jsonschema import Draft202012Validator, validators
+
+    # JSON Schema counts 2.0 as an integer; the toolkit wants real ints.
+    checker = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    strict = validators.extend(Draft202012Validator, type_checker=checker)
+    return strict(_schema())
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_defaults(definition: str) -> dict:
+    properties = _schema()["$defs"][definition]["properties"]
+    return {key: sub["default"] for key, sub in properties.items() if "default" in sub}
+
+
+def _check_schema(doc: YamlDocument, report: _Report) -> list[tuple]:
+    """Report schema violations; return the paths they make unusable."""
+    broken = []
+    if _fast_check()(doc.data):
+        return broken
+    for error in _validator().iter_errors(doc.data):
+        if "allOf" in error.absolute_schema_path:
+            continue  # platform rules: reported from platforms.py with more context
+        for path, key, message in _translate(error):
+            report.add(path, message, key=key)
+            broken.append(path)
+    return broken
+
+
+# jsonschema needs ~0.1 ms per model; a manifest that is valid (the usual case)
+# is instead confirmed by plain closures compiled once from the same schema.
+# They may be stricter than jsonschema, never laxer: any doubt means "invalid",
+# and jsonschema then finds the actual errors. ``allOf`` holds only platform
+# rules, whose errors are not reported from the schema, so it is skipped.
+_ANNOTATIONS = frozenset(
+    ("$schema", "$defs", "$comment", "title", "description", "examples", "default", "errorMessage", "allOf")
+)
+_TYPE_TESTS = {
+    "object": lambda x: isinstance(x, dict),
+    "array": lambda x: isinstance(x, list),
+    "string": lambda x: isinstance(x, str),
+    "integer": lambda x: isinstance(x, int) and not isinstance(x, bool),
+    "number": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+    "boolean": lambda x: isinstance(x, bool),
+    "null": lambda x: x is None,
+}
+
+
+class _Unsupported(Exception):
+    """The schema uses a keyword the fast check does not know."""
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_check():
+    try:
+        return _compile(_schema(), {})
+    except _Unsupported:
+        return lambda _: False  # always ask jsonschema
+
+
+def _compile(schema: dict, refs: dict):
+    checks = [_keyword(word, value, schema, refs) for word, value in schema.items() if word not in _ANNOTATIONS]
+    checks = [check for check in checks if check is not None]
+    if len(checks) == 1:
+        return checks[0]
+
+    def check_all(x) -> bool:
+        for check in checks:
+            if not check(x):
+                return False
+        return True
+
+    return check_all
+
+
+def _compile_ref(ref: str, refs: dict):
+    if ref not in refs:
+        refs[ref] = None  # placeholder while compiling, in case of cycles
+        refs[ref] = _compile(_resolve({"$ref": ref}), refs)
+    return lambda x: refs[ref](x)
+
+
+def _same(x, value) -> bool:
+    """JSON equality for scalars; containers count as different (doubt)."""
+    if isinstance(x, (dict, list)) or isinstance(x, bool) != isinstance(value, bool):
+        return False
+    return x == value
+
+
+def _keyword(word: str, value, schema: dict, refs: dict):  # noqa: C901 - one branch per keyword
+    is_dict, is_list = _TYPE_TESTS["object"], _TYPE_TESTS["array"]
+    is_str, is_num = _TYPE_TESTS["string"], _TYPE_TESTS["number"]
+    if word == "$ref":
+        return _compile_ref(value, refs)
+    if word == "type":
+        tests = [_TYPE_TESTS[t] for t in ([value] if isinstance(value, str) else value)]
+        return lambda x: any(test(x) for test in tests)
+    if word in ("enum", "const"):
+        allowed = value if word == "enum" else [value]
+        return lambda x: any(_same(x, item) for item in allowed)
+    if word == "properties":
+        props = {key: _compile(sub, refs) for key, sub in value.items()}
+        return lambda x: not is_dict(x) or all(props[k](v) for k, v in x.items() if k in props)
+    if word == "additionalProperties":
+        known = set(schema.get("properties", ()))
+        if value is False:
+            return lambda x: not is_dict(x) or all(k in known for k in x)
+        extra = _compile(value, refs)
+        return lambda x: not is_dict(x) or all(extra(v) for k, v in x.items() if k not in known)
+    if word == "required":
+        return lambda x: not is_dict(x) or all(k in x for k in value)
+    if word == "minProperties":
+        return lambda x: not is_dict(x) or len(x) >= value
+    if word == "propertyNames":
+        names = _compile(value, refs)
+        return lambda x: not is_dict(x) or all(names(k) for k in x)
+    if word == "items":
+        item = _compile(value, refs)
+        return lambda x: not is_list(x) or all(item(i) for i in x)
+    if word == "minItems":
+        return lambda x: not is_list(x) or len(x) >= value
+    if word == "uniqueItems":
+        return lambda x: not is_list(x) or not value or (all(map(is_str, x)) and len(set(x)) == len(x))
+    if word in ("minLength", "maxLength", "pattern"):
+        test = {"minLength": lambda x: len(x) >= value, "maxLength": lambda x: len(x) <= value}.get(word)
+        test = test or re.compile(value).search
+        return lambda x: not is_str(x) or bool(test(x))
+    if word in ("minimum", "maximum"):
+        return lambda x: not is_num(x) or (x >= value if word == "minimum" else x <= value)
+    raise _Unsupported(word)
+
+
+def _translate(error) -> list[tuple[tuple, bool, str]]:
+    """(path, is_key, message) for each problem a jsonschema error stands for."""
+    path = tuple(error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = [k for k in error.instance if k not in error.schema.get("properties", {})]
+        return [(path + (k,), True, _unknown_key(k, error.schema, path)) for k in extra]
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return [(path + (k,), False, _missing_key(k, path)) for k in missing]
+    if error.validator == "uniqueItems":
+        index = _first_repeat(error.instance)
+        item = error.instance[index]
+        return [(path + (index,), False, f"{_label(path)} lists {item!r} more than once")]
+    return [(path, False, _message(error, path))]
+
+
+def _message(error, path: tuple) -> str:
+    label, value, rule = _label(path), error.instance, error.validator_value
+    messages = {
+        "type": lambda: _type_message(label, rule, value),
+        "enum": lambda: _enum_message(path, value, rule),
+        "const": lambda: f"{label} must be {rule!r}, got {_describe(value)}",
+        "pattern": lambda: f"invalid {label} {value!r}: {error.schema.get('errorMessage', f'must match {rule}')}",
+        "minLength": lambda: f"{label} must not be empty",
+        "maxLength": lambda: f"{label} is longer than {rule} characters",
+        "minItems": lambda: f"{label} must not be empty" if rule == 1 else f"{label} needs at least {rule} items",
+        "minProperties": lambda: _min_properties_message(label, error.schema),
+        "minimum": lambda: f"{label} must be at least {rule}, got {value!r}",
+        "maximum": lambda: f"{label} must be at most {rule}, got {value!r}",
+    }
+    make = messages.get(error.validator)
+    return make() if make else f"{label}: {error.message}"
+
+
+def _label(path: tuple) -> str:
+    names = [item for item in path if isinstance(item, str)]
+    if not names:
+        return "the manifest"
+    return f"each entry of {names[-1]}" if isinstance(path[-1], int) else names[-1]
+
+
+def _type_message(label: str, expected, value) -> str:
+    expected = [expected] if isinstance(expected, str) else expected
+    words = " or ".join(_TYPE_WORDS.get(t, t) for t in expected)
+    hint = "; quote it" if "string" in expected and isinstance(value, (int, float, bool)) else ""
+    return f"{label} must be {words}, got {_describe(value)}{hint}"
+
+
+def _enum_message(path: tuple, value, choices: list) -> str:
+    names = [item for item in path if isinstance(item, str)]
+    noun = _ENUM_NOUNS.get(names[-1], f"{names[-1]} value") if names else "value"
+    expected = f"(expected one of: {', '.join(map(str, choices))})"
+    if not isinstance(value, str):
+        return f"{noun} must be a name, got {_describe(value)} {expected}"
+    rejected = platforms.REJECTED_DTYPES.get(value) if noun == "quantization dtype" else None
+    if rejected:
+        return f"{noun} {value!r} is rejected by rknn-toolkit2 ({rejected['source']}); use {rejected['use']!r}"
+    return f"unknown {noun} {value!r}{_did_you_mean(value, choices)} {expected}"
+
+
+def _min_properties_message(label: str, schema: dict) -> str:
+    keys = list(schema.get("properties", {}))
+    return f"{label} needs at least one of: {', '.join(keys)}" if keys else f"{label} must not be empty"
+
+
+def _unknown_key(key: str, schema: dict, path: tuple) -> str:
+    allowed = list(schema.get("properties", {}))
+    if path == ("defaults",) and key in ("name", "source"):
+        return f"{key!r} cannot be set in defaults: each model needs its own"
+    close = _did_you_mean(key, allowed)
+    if close:
+        return f"unknown key {key!r}{close}"
+    for parent, sub in schema.get("properties", {}).items():
+        nested = list(_resolve(sub).get("properties", {}))
+        guess = difflib.get_close_matches(key, nested, n=1, cutoff=0.75)
+        if guess and guess[0] == key:
+            return f"unknown key {key!r} here: it belongs under {parent}:"
+        if guess:
+            return f"unknown key {key!r}; did you mean {guess[0]!r} under {parent}:?"
+    return f"unknown key {key!r} (allowed here: {', '.join(allowed)})"
+
+
+def _missing_key(key: str, path: tuple) -> str:
+    if not path:
+        hint = {"version": " (add version: 1)", "models": " (the list of models to convert)"}.get(key, "")
+        return f"the manifest is missing required key {key!r}{hint}"
+    where = "model" if len(path) == 2 and path[0] == "models" else _label(path)
+    return f"{where} is missing required key {key!r}"
+
+
+def _resolve(schema: dict) -> dict:
+    """Follow local ``$ref`` pointers (``#/$defs/...``) to the schema they name."""
+    while "$ref" in schema:
+        node = _schema()
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
+def _first_repeat(items: list) -> int:
+    for index, item in enumerate(items):
+        if item in items[:index]:
+            return index
+    return 0
+
+
+def _did_you_mean(value, choices) -> str:
+    if not isinstance(value, str):
+        return ""
+    by_lower = {str(choice).lower(): choice for choice in choices}
+    close = difflib.get_close_matches(value.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
+
+
+def _describe(value) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string"}.get(type(value))
+    text = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return f"{kind} {text}" if kind else "null"
+
+
+# -- effective models ------------------------------------------------------------
+
+
+def _clone(value):
+    """A deep copy of plain YAML data (aliases may share objects)."""
+    if isinstance(value, dict):
+        return {key: _clone(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_clone(item) for item in value]
+    return value
+
+
+def _absolute(directory: Path, path: str) -> str:
+    return os.path.normpath(os.path.join(directory, path))
+
+
+def _merge(defaults: dict, model: dict) -> dict:
+    """Model over defaults; mappings are merged one level deep, lists replaced."""
+    merged = _clone(defaults)
+    for key, value in model.items():
+        base = merged.get(key)
+        merged[key] = {**base, **_clone(value)} if isinstance(base, dict) and isinstance(value, dict) else _clone(value)
+    return merged
+
+
+def _effective_models(data: dict, directory: Path) -> list[dict]:
+    models = data.get("models")
+    defaults = data.get("defaults")
+    if not isinstance(models, list):
+        return []
+    defaults = defaults if isinstance(defaults, dict) else {}
+    return [
+        _effective_model(index, raw, defaults, directory)
+        for index, raw in enumerate(models)
+        if isinstance(raw, dict)
+    ]
+
+
+def _effective_model(index: int, raw: dict, defaults: dict, directory: Path) -> dict:
+    merged = _merge(defaults, raw)
+    blank = {"targets": [], "overrides": [], "options": {}, "build": {}, **_schema_defaults("model")}
+    model = {key: merged.get(key, _clone(blank.get(key))) for key in _schema()["$defs"]["model"]["properties"]}
+    if isinstance(model["source"], str):
+        model["source"] = _absolute(directory, model["source"])
+    model["quantization"] = _effective_quantization(model["quantization"], directory)
+    if isinstance(model["verify"], dict):
+        model["verify"] = {**_schema_defaults("verify"), **model["verify"]}
+    for override in model["overrides"] if isinstance(model["overrides"], list) else ():
+        if isinstance(override, dict):
+            override.setdefault("targets", None)
+    model["index"] = index
+    return model
+
+
+def _effective_quantization(quant, directory: Path):
+    if not isinstance(quant, dict):
+        return quant
+    quant = {"dataset": None, **_schema_defaults("quantization"), "hybrid": None, **quant}
+    if isinstance(quant["dataset"], str):
+        quant["dataset"] = _absolute(directory, quant["dataset"])
+    quant["samples"] = None
+    return quant
+
+
+# -- checks beyond the schema ------------------------------------------------------
+
+
+class _Graph(NamedTuple):
+    inputs: dict  # real input name -> rank (None if unknown)
+    tensors: frozenset
+    ops: frozenset
+
+
+class _Checker:
+    """Rules a schema cannot express, run on the effective models."""
+
+    def __init__(self, report: _Report, data: dict, models: list[dict], broken: list[tuple], check_files: bool):
+        self.report, self.data, self.models, self.check_files = report, data, models, check_files
+        self.broken = _broken_fields(broken)
+        self.datasets: dict[str, tuple] = {}
+
+    def clean(self, model: dict, *fields: str) -> bool:
+        """Whether the schema found nothing wrong in these fields of ``model``."""
+        for scope in (("models", model["index"]), ("defaults",)):
+            bad = self.broken.get(scope, set())
+            if None in bad or bad.intersection(fields):
+                return False
+        return True
+
+    def run(self) -> None:
+        self.check_names()
+        for model in self.models:
+            self.check_model(model)
+
+    def check_names(self) -> None:
+        first: dict[str, int] = {}
+        for model in self.models:
+            name = model["name"]
+            if not isinstance(name, str):
+                continue
+            if name in first:
+                line = self.report.doc.position(("models", first[name], "name"))[0]
+                message = f"duplicate model name {name!r} (first used at line {line})"
+                self.report.add_model(model, "name", message=message)
+            first.setdefault(name, model["index"])
+
+    def check_model(self, model: dict) -> None:
+        graph = self.check_source(model) if self.check_files and self.clean(model, "source") else None
+        if self.clean(model, "targets"):
+            self.check_targets(model)
+        if self.clean(model, "targets", "quantization", "options"):
+            self.check_platforms(model)
+        if self.clean(model, "overrides"):
+            self.check_op_types(model, graph)
+        if self.clean(model, "mean_values", "std_values"):
+            self.check_normalisation(model)
+        if model["quantization"] and self.clean(model, "quantization"):
+            self.check_quantization(model, graph)
+        if graph is not None and self.clean(model, "inputs", "outputs", "quantization", "mean_values", "std_values"):
+            self.check_tensor_names(model, graph)
+
+    def check_targets(self, model: dict) -> None:
+        if not model["targets"]:
+            message = f"model {model['name']!r} has no targets: add targets: to it or to defaults:"
+            self.report.add_model(model, message=message)
+
+    def check_platforms(self, model: dict) -> None:
+        for index, target in enumerate(model["targets"]):
+            for message in platforms.check_target_options(target, model):
+                self.report.add_model(model, "targets", index, message=message)
+        for message in platforms.check_model_options(model):
+            self.report.add_model(model, "quantization", "algorithm", message=message)
+
+    def check_op_types(self, model: dict, graph: _Graph | None) -> None:
+        for index, override in enumerate(model["overrides"]):
+            op_type = override["match"].get("op_type")
+            if op_type is None or op_type in _COMMON_OPS or (graph and op_type in graph.ops):
+                continue
+            known = _onnx_op_types() | (graph.ops if graph else frozenset())
+            if op_type not in known:
+                message = f"unknown op_type {op_type!r}{_did_you_mean(op_type, known)}"
+                self.report.add_model(model, "overrides", index, "match", "op_type", message=message)
+
+    def check_normalisation(self, model: dict) -> None:
+        means, stds = model["mean_values"], model["std_values"]
+        if not means or not stds:
+            return
+        if len(means) != len(stds):
+            message = f"std_values has {len(stds)} entries but mean_values has {len(means)}: give one per input"
+            self.report.add_model(model, "std_values", message=message)
+            return
+        for index, (mean, std) in enumerate(zip(means, stds)):
+            if len(mean) != len(std):
+                message = f"std_values has {len(std)} channels here but mean_values has {len(mean)}"
+                self.report.add_model(model, "std_values", index, message=message)
+
+    def check_source(self, model: dict) -> _Graph | None:
+        raw = _raw_value(self.data, model, ("source",))
+        problem = _file_problem(model["source"])
+        if problem is None:
+            graph = _onnx_graph(model["source"])
+            if isinstance(graph, _Graph):
+                return graph
+            problem = graph
+        self.report.add_model(model, "source", message=f"source {raw!r} {problem}")
+        return None
+
+    def check_quantization(self, model: dict, graph: _Graph | None) -> None:
+        if model["quantization"]["dataset"] is None:
+            message = "quantization needs a dataset: (in the model or in defaults)"
+            self.report.add_model(model, "quantization", message=message)
+        elif self.check_files:
+            self.check_dataset(model, _input_count(model, graph) if self.clean(model, "inputs") else None)
+
+    def check_dataset(self, model: dict, inputs: int | None) -> None:
+        quant = model["quantization"]
+        raw = _raw_value(self.data, model, ("quantization", "dataset"))
+        if quant["dataset"] not in self.datasets:
+            self.datasets[quant["dataset"]] = _read_dataset(quant["dataset"])
+        samples, problems = self.datasets[quant["dataset"]]
+        quant["samples"] = list(samples)
+        widths = {len(sample.split(" ")) for sample in samples}
+        if inputs is not None and len(widths) == 1 and widths != {inputs}:
+            problems = [*problems, f"has {widths.pop()} path(s) per line but the model has {inputs} inputs"]
+        for problem in problems:
+            self.report.add_model(model, "quantization", "dataset", message=f"dataset {raw!r} {problem}")
+
+    def check_tensor_names(self, model: dict, graph: _Graph) -> None:
+        for name, shape in (model["inputs"] or {}).items():
+            problem = _input_problem(name, shape, graph)
+            if problem:
+                self.report.add_model(model, "inputs", name, message=problem, key=True)
+        for index, name in enumerate(model["outputs"] or ()):
+            if name not in graph.tensors:
+                message = f"output {name!r} is not a tensor of the model{_did_you_mean(name, graph.tensors)}"
+                self.report.add_model(model, "outputs", index, message=message)
+        self.check_layer_names(model, graph)
+        self.check_input_count(model, graph)
+
+    def check_layer_names(self, model: dict, graph: _Graph) -> None:
+        hybrid = (model["quantization"] or {}).get("hybrid") or {}
+        for index, layer in enumerate(hybrid.get("custom_layers", ())):
+            for end in ("start", "end"):
+                if layer[end] not in graph.tensors:
+                    hint = _did_you_mean(layer[end], graph.tensors)
+                    message = f"{end} tensor {layer[end]!r} is not in the model{hint}"
+                    path = ("quantization", "hybrid", "custom_layers", index, end)
+                    self.report.add_model(model, *path, message=message)
+
+    def check_input_count(self, model: dict, graph: _Graph) -> None:
+        count = _input_count(model, graph)
+        for key in ("mean_values", "std_values"):
+            values = model[key]
+            if values and len(values) != count:
+                message = f"{key} has {len(values)} entries but the model has {count} inputs: give one per input"
+                self.report.add_model(model, key, message=message)
+
+
+def _broken_fields(broken: list[tuple]) -> dict[tuple, set]:
+    """Scope (a model or defaults) -> top fields with schema errors (None: all)."""
+    fields: dict[tuple, set] = {}
+    for path in broken:
+        if path[:1] == ("models",) and len(path) >= 2:
+            scope, rest = path[:2], path[2:]
+        elif path[:1] == ("defaults",):
+            scope, rest = path[:1], path[1:]
+        else:
+            continue
+        fields.setdefault(scope, set()).add(rest[0] if rest else None)
+    return fields
+
+
+def _raw_value(data: dict, model: dict, path: tuple):
+    """A value as written in the manifest: in the model, else in defaults."""
+    for node in (data["models"][model["index"]], data.get("defaults") or {}):
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    return None
+
+
+def _input_count(model: dict, graph: _Graph | None) -> int | None:
+    if model["inputs"]:
+        return len(model["inputs"])
+    return len(graph.inputs) if graph is not None else None
+
+
+def _input_problem(name: str, shape: list, graph: _Graph) -> str | None:
+    if name in graph.inputs:
+        rank = graph.inputs[name]
+        if rank is not None and rank != len(shape):
+            return f"input {name!r} has {rank} dimensions in the model, but {len(shape)} are given"
+        return None
+    if name in graph.tensors:
+        return None  # an intermediate tensor: the toolkit cuts the graph there
+    listed = ", ".join(graph.inputs) or "none"
+    return f"input {name!r} is not a tensor of the model{_did_you_mean(name, graph.inputs)} (model inputs: {listed})"
+
+
+def _file_problem(path: str) -> str | None:
+    """Why ``path`` is not a readable regular file, or None if it is one."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "is a broken symlink" if os.path.islink(path) else f"does not exist (looked for {path})"
+        return f"cannot be read ({error.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def _onnx_graph(path: str) -> _Graph | str:
+    info = os.stat(path)
+    return _read_graph(path, info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_graph(path: str, _mtime_ns: int, size: int) -> _Graph | str:
+    """The names in an ONNX file, or why it is not one (cached per file version)."""
+    if size == 0:
+        return "is empty, not an ONNX model"
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as error:  # any parse failure means a bad file, not a bug here
+        return f"is not a valid ONNX model ({type(error).__name__}: {error})"
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
+        return "is not a valid ONNX model (no graph found)"
+    return _graph_names(model.graph)
+
+
+def _graph_names(graph) -> _Graph:
+    weights = {init.name for init in graph.initializer}
+    inputs = {}
+    for value in graph.input:
+        if value.name not in weights:
+            tensor_type = value.type.tensor_type
+            inputs[value.name] = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+    tensors = {value.name for value in graph.input} | {value.name for value in graph.output}
+    for node in graph.node:
+        tensors.update(node.output)
+    return _Graph(inputs, frozenset(tensors - {""}), frozenset(node.op_type for node in graph.node))
+
+
+@functools.lru_cache(maxsize=1)
+def _onnx_op_types() -> frozenset:
+    import onnx.defs
+
+    return frozenset(schema.name for schema in onnx.defs.get_all_schemas())
+
+
+def _read_dataset(path: str) -> tuple[list[str], list[str]]:
+    """(samples with absolute paths, problems) for a calibration dataset file."""
+    problem = _file_problem(path)
+    if problem:
+        return [], [problem]
+    try:
+        with open(path, encoding="utf-8") as stream:
+            lines = stream.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        return [], [f"cannot be read as UTF-8 text ({error})"]
+    base = os.path.dirname(path)
+    rows = [(number, line.split()) for number, line in enumerate(lines, 1) if line.strip()]
+    if not rows:
+        return [], ["lists no samples: give one sample path per line"]
+    samples = [" ".join(_absolute(Path(base), item) for item in items) for _, items in rows]
+    return samples, _sample_problems(base, rows)
+
+
+def _sample_problems(base: str, rows: list[tuple[int, list[str]]]) -> list[str]:
+    missing = [(n, item) for n, items in rows for item in items if not os.path.isfile(os.path.join(base, item))]
+    unknown = [(n, item) for n, items in rows for item in items if not item.lower().endswith(SAMPLE_TYPES)]
+    problems = []
+    if missing:
+        (number, item), more = missing[0], len(missing) - 1
+        tail = f" (and {more} more missing)" if more else ""
+        problems.append(f"line {number}: sample {item!r} not found{tail}")
+    if unknown:
+        number, item = unknown[0]
+        problems.append(f"line {number}: sample {item!r} is not one of {', '.join(SAMPLE_TYPES)}")
+    width = len(rows[0][1])
+    for number, items in rows:
+        if len(items) != width:
+            problems.append(f"line {number} has {len(items)} paths but line {rows[0][0]} has {width}")
+            break
+    return problems
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.manifest", description="Check an rknn-pipeline manifest.")
+    parser.add_argument("manifest", nargs="?", default="models.yaml", help="manifest file (default: models.yaml)")
+    parser.add_argument("--no-files", action="store_true", help="check the manifest only, not the files it names")
+    args = parser.parse_args(argv)
+    try:
+        manifest = load_manifest(args.manifest, check_files=not args.no_files)
+    except ManifestError as error:
+        print(error, file=sys.stderr)
+        return 1
+    pairs = sum(len(model["targets"]) for model in manifest.models)
+    print(f"ok: {len(manifest.models)} models, {pairs} model x target pairs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
