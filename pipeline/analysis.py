@@ -16,10 +16,12 @@ external weights is analysed in the memory of its graph structure.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
 ANALYSIS_FORMAT = 1
+_KEEP_ELEMENTS = 1024  # initializers up to this size keep their values for shape propagation
 
 
 class AnalysisError(ValueError):
@@ -91,16 +93,18 @@ def infer_shapes(model) -> dict[str, list | None]:
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
     for init in skeleton.graph.initializer:
+        # Small initializers are often shapes that inference propagates: keep those.
+        if math.prod(init.dims) <= _KEEP_ELEMENTS:
+            continue
         init.ClearField("raw_data")
         for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
             init.ClearField(field)
         init.ClearField("external_data")
         init.data_location = onnx.TensorProto.DEFAULT
-    # Keep the dims of initializers visible to inference through value_info.
-    for init in model.graph.initializer:
+        # Keep the dims visible to inference without the payload.
         skeleton.graph.value_info.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception as exc:  # inference errors should not hide the rest of the analysis
         raise AnalysisError(f"ONNX shape inference failed: {exc}") from exc
     shapes: dict[str, list | None] = {}

@@ -739,8 +739,41 @@ def _onnx_graph(path: str) -> _Graph | str:
 
 
 @functools.lru_cache(maxsize=32)
-def _read_graph(path: str, _mtime_ns: int, size: int) -> _Graph | str:
-    """The names in an ONNX file, or why it is not one (cached per file version)."""
+def _read_graph(path: str, mtime_ns: int, size: int) -> _Graph | str:
+    """The names in an ONNX file, or why it is not one (cached per file version).
+
+    Parsing needs ``import onnx`` (about 0.7 s) plus the file itself, on every
+    doit invocation; the facts are remembered on disk per (path, mtime, size)
+    so that a no-op build of many models never imports onnx.
+    """
+    memo = _graph_memo_path(path, mtime_ns, size)
+    try:
+        facts = json.loads(memo.read_text())
+        return _Graph(facts["inputs"], frozenset(facts["tensors"]), frozenset(facts["ops"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    graph = _parse_graph(path, size)
+    if isinstance(graph, _Graph):
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.partial")
+            tmp.write_text(json.dumps({"inputs": graph.inputs, "tensors": sorted(graph.tensors),
+                                       "ops": sorted(graph.ops)}))
+            os.replace(tmp, memo)
+        except OSError:  # a read-only home only costs speed
+            pass
+    return graph
+
+
+def _graph_memo_path(path: str, mtime_ns: int, size: int) -> Path:
+    import hashlib
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rknn-pipeline" / "graph-facts"
+    digest = hashlib.sha256(f"{os.path.abspath(path)}\0{mtime_ns}\0{size}".encode()).hexdigest()
+    return root / f"{digest}.json"
+
+
+def _parse_graph(path: str, size: int) -> _Graph | str:
     if size == 0:
         return "is empty, not an ONNX model"
     import onnx

@@ -93,23 +93,32 @@ def nearest_candidates(nodes: list[dict], match: dict, limit: int = 5) -> str:
     return "; ".join(hints) or "the selector is empty"
 
 
-def _check_action(action: str, node: dict, target: str, rules, where: str) -> list[str]:
-    """Errors (raised) and warnings (returned) for one node and action on one platform."""
-    warnings = []
+def _check_action(action: str, node: dict, target: str, rules, where: str) -> None:
+    """Refuse what cannot work on ``target``: CPU placement its CPU runtime cannot run, rewrite of non-pools."""
     if action == "cpu" and not rules.cpu_can_run(node["op_type"], target):
         raise ResolutionError(
             f"{where}: action cpu on {target}: the {target} CPU runtime cannot run {node['op_type']} "
             f"(node '{node['name']}'); the model would fail on the board. Use action: npu or rewrite, "
             f"or restrict the override with targets:")
-    if action == "npu" and node["predicted"]["placement"] in ("cpu", "unsupported"):
-        hint = " Consider action: rewrite, which is exact." if node["op_type"] == "AveragePool" else ""
-        warnings.append(
-            f"node '{node['name']}' ({node['op_type']}) breaks the {target} NPU constraints "
-            f"({node['predicted']['reason']}); forced onto the NPU it may compute different values.{hint}")
     if action == "rewrite" and node["op_type"] != "AveragePool":
         raise ResolutionError(f"{where}: action rewrite is defined for AveragePool only; node "
                               f"'{node['name']}' is {node['op_type']}")
-    return warnings
+
+
+def _forced_npu_warning(index: int, nodes: list[dict], target: str) -> str | None:
+    """One warning per override for nodes forced onto an NPU whose constraints they break.
+
+    Allowed (it is the documented workaround) but the NPU may compute them
+    differently, e.g. AveragePool borders with count_include_pad=1 semantics.
+    """
+    breaking = [n for n in nodes if n["predicted"]["placement"] in ("cpu", "unsupported")]
+    if not breaking:
+        return None
+    reasons = sorted({n["predicted"]["reason"] for n in breaking})
+    hint = " Consider action: rewrite, which is exact." if all(n["op_type"] == "AveragePool" for n in breaking) else ""
+    return (f"overrides[{index}]: {len(breaking)} node(s) forced onto the {target} NPU break its constraints "
+            f"({'; '.join(reasons)}): {', '.join(n['name'] for n in breaking)}. On the NPU they may compute "
+            f"different values.{hint}")
 
 
 def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict | None = None,
@@ -151,8 +160,10 @@ def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict 
             if earlier and earlier[0] != action:
                 raise ResolutionError(f"{where}: node '{node['name']}' is also selected by overrides[{earlier[1]}] "
                                       f"with action {earlier[0]}; make the selectors disjoint")
-            warnings += _check_action(action, node, target, rules, where)
+            _check_action(action, node, target, rules, where)
             chosen[node["index"]] = (action, index)
+        if action == "npu":
+            warnings += filter(None, [_forced_npu_warning(index, selected, target)])
         applied.append({"override": index, "action": action, "targets": override.get("targets"),
                         "nodes": [node["name"] for node in selected]})
 
