@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -66,7 +66,7 @@ def _table_path(path: str | Path | None) -> str:
     return str(Path(path or DEFAULT_TABLE).resolve())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_table(path: str) -> tuple[tuple[dict, re.Pattern], ...]:
     try:
         entries = yaml.safe_load(Path(path).read_text())
@@ -122,8 +122,8 @@ def _check_values(entry: dict, where: str, ids: set[str]) -> None:
 class _Message:
     level: str
     line: str  # first line, colours removed, prefix kept: how error_lines quotes it
-    lines: list[str] = field(default_factory=list)  # colours and prefix removed
-    open: bool = False  # its colour is still on, so the next lines belong to it
+    lines: list[str]  # colours and prefix removed
+    open: bool  # its colour is still on, so the next lines belong to it
 
 
 def _messages(log_text: str) -> list[_Message]:
@@ -203,14 +203,14 @@ def explain_log(log_text: str, table: str | Path | None = None) -> list[dict]:
         seen.update(_normalised(text) for text in texts)
         hits = _hits(rows, texts)
         for entry, text in hits:
-            _add(items, entry["id"], lambda: _table_item(entry, text))
+            items.setdefault(entry["id"], _table_item(entry, text))["count"] += 1
         if message.level == "E" and texts and not hits:
             example = message.line if texts[0] == message.lines[0] else texts[-1]
-            _add(items, f"{UNKNOWN_ID}:{_normalised(example)}", lambda: _unknown_item(example))
+            items.setdefault(f"{UNKNOWN_ID}:{_normalised(example)}", _unknown_item(example))["count"] += 1
     return list(items.values())
 
 
-def _hits(rows, texts: list[str]) -> list[tuple[dict, str]]:
+def _hits(rows: tuple[tuple[dict, re.Pattern], ...], texts: list[str]) -> list[tuple[dict, str]]:
     """(entry, line) for the first entry matching each line; each entry once."""
     hits: dict[str, tuple[dict, str]] = {}
     for text in texts:
@@ -218,12 +218,6 @@ def _hits(rows, texts: list[str]) -> list[tuple[dict, str]]:
         if entry is not None:
             hits.setdefault(entry["id"], (entry, text))
     return list(hits.values())
-
-
-def _add(items: dict[str, dict], key: str, make) -> None:
-    if key not in items:
-        items[key] = make()
-    items[key]["count"] += 1
 
 
 def _table_item(entry: dict, example: str) -> dict:

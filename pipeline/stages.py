@@ -228,8 +228,15 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "diagnostics": [d for d in record.get("diagnostics") or [] if not d.get("benign")],
         "warnings": warnings + list(resolved.get("warnings") or []),
     }
-    files.atomic_copy(rknn, layout.dist_rknn(name, target))
-    files.atomic_write_json(layout.sidecar(name, target), sidecar)
+    try:
+        files.atomic_copy(rknn, layout.dist_rknn(name, target))
+        files.atomic_write_json(layout.sidecar(name, target), sidecar)
+    except OSError as exc:
+        # A new .rknn beside an old sidecar would lie: remove both so nothing looks finished.
+        layout.dist_rknn(name, target).unlink(missing_ok=True)
+        layout.sidecar(name, target).unlink(missing_ok=True)
+        raise StageFailed(f"{name}@{target}: cannot write to {layout.dist}: {exc.strerror or exc}. "
+                          f"Free some space or fix the directory's permissions, then run doit again.") from exc
     lines = [f"export {name}@{target}  dist/{target}/{name}.rknn  {sidecar['rknn']['size'] / 1e6:.1f} MB"]
     lines += [f"  warning: {w}" for w in warnings]
     return lines

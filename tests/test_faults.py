@@ -1,0 +1,180 @@
+"""Faults during a build, done on purpose: the tree must stay truthful and the next run must recover.
+
+After each fault: no partial file in dist/, build/ or the cache; the doit
+database is still readable; the next run rebuilds exactly what was unfinished;
+the error names model, target and cause. Workers that crash or hang are
+simulated with RKNN_PIPELINE_WORKER_PYTHON scripts (fast); the SIGKILL and
+SIGINT cases interrupt real toolkit conversions.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Project, make_pool_identity_model
+
+MANIFEST = """\
+version: 1
+models:
+  - name: alpha
+    source: alpha.onnx
+    targets: [rk3588]
+    timeout: {timeout}
+  - name: beta
+    source: beta.onnx
+    targets: [rk3588]
+"""
+
+
+def _project(root: Path, timeout: int = 600) -> Project:
+    project = Project(root)
+    make_pool_identity_model(project.root / "alpha.onnx", seed=1)
+    make_pool_identity_model(project.root / "beta.onnx", seed=2)
+    project.write_manifest(MANIFEST.format(timeout=timeout))
+    return project
+
+
+def _fake_worker(project: Project, body: str) -> None:
+    script = project.root / "fake-worker.sh"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    project.env["RKNN_PIPELINE_WORKER_PYTHON"] = str(script)
+
+
+def _assert_clean(project: Project) -> None:
+    leftovers = [p for p in project.root.rglob("*.partial")]
+    assert not leftovers, leftovers
+    for name in ("alpha", "beta"):
+        rknn = project.root / "dist" / "rk3588" / f"{name}.rknn"
+        sidecar = project.root / "dist" / "rk3588" / f"{name}.json"
+        assert rknn.exists() == sidecar.exists(), "a .rknn without its sidecar (or the reverse) looks half-done"
+    status = project.doit("rknn-status", check=False)
+    assert status.returncode in (0, 1) and "up to date" in status.stdout, status.stderr  # database readable
+
+
+def test_a_worker_killed_by_a_signal_fails_its_task_and_reruns_next_time(tmp_path):
+    project = _project(tmp_path)
+    _fake_worker(project, "kill -SEGV $$")
+    proc = project.doit("--continue", check=False)
+    assert proc.returncode != 0
+    assert "alpha@rk3588: conversion failed" in proc.stdout + proc.stderr
+    assert "killed by signal SIGSEGV" in proc.stdout + proc.stderr
+    assert not (project.root / "build" / "alpha" / "rk3588" / "model.rknn").exists()
+    _assert_clean(project)
+    del project.env["RKNN_PIPELINE_WORKER_PYTHON"]
+    ran = Project.ran(project.doit())
+    assert {"convert:alpha@rk3588", "convert:beta@rk3588"} <= ran
+    assert "analyze:alpha@rk3588" not in ran  # finished stages are not redone
+
+
+def test_a_hanging_worker_is_killed_at_its_timeout(tmp_path):
+    project = _project(tmp_path, timeout=2)
+    _fake_worker(project, "sleep 120")
+    started = time.monotonic()
+    proc = project.doit("convert:alpha@rk3588", check=False)
+    assert time.monotonic() - started < 100
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "alpha@rk3588: conversion failed at timeout: conversion timed out after" in out
+    assert "raise the model's `timeout`" in out
+    _assert_clean(project)
+
+
+@pytest.mark.toolkit
+def test_sigkill_of_a_real_conversion_worker_mid_build(tmp_path):
+    project = _project(tmp_path)
+    doit = subprocess.Popen([sys.executable, "-m", "doit", "convert:alpha@rk3588"], cwd=project.root,
+                            env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = _wait_for_worker(project.root)
+    time.sleep(3)  # let the toolkit get going
+    os.kill(worker, signal.SIGKILL)
+    out, _ = doit.communicate(timeout=120)
+    assert doit.returncode != 0
+    assert "alpha@rk3588: conversion failed" in out and "killed by signal SIGKILL" in out
+    _assert_clean(project)
+    ran = Project.ran(project.doit("convert:alpha@rk3588"))
+    assert "convert:alpha@rk3588" in ran
+
+
+@pytest.mark.toolkit
+def test_sigint_of_a_parallel_build_leaves_nothing_half_written(tmp_path):
+    project = _project(tmp_path)
+    doit = subprocess.Popen([sys.executable, "-m", "doit", "-n", "2", "-P", "process"], cwd=project.root,
+                            env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    _wait_for_worker(project.root)
+    time.sleep(2)
+    os.killpg(doit.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+    doit.communicate(timeout=120)
+    assert doit.returncode != 0
+    assert not _workers(project.root), "a conversion worker outlived the interrupted build"
+    _assert_clean(project)
+    project.doit()
+    for name in ("alpha", "beta"):
+        assert (project.root / "dist" / "rk3588" / f"{name}.rknn").is_file()
+
+
+@pytest.mark.toolkit
+def test_an_unwritable_dist_fails_export_with_a_clear_error(tmp_path):
+    project = _project(tmp_path)
+    # root ignores permission bits, so make dist/ impossible to create: a file stands in its place
+    (project.root / "dist").write_text("not a directory")
+    proc = project.doit("export:alpha@rk3588", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "alpha@rk3588: cannot write to" in out and "Traceback" not in out
+    assert not list(project.root.rglob("*.partial"))
+    (project.root / "dist").unlink()
+    assert "export:alpha@rk3588" in Project.ran(project.doit("export:alpha@rk3588"))
+
+
+@pytest.mark.toolkit
+def test_a_full_disk_during_export_leaves_no_partial_file(tmp_path):
+    project = _project(tmp_path)
+    dist = project.root / "dist"
+    dist.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(dist)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        proc = project.doit("export:alpha@rk3588", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert "alpha@rk3588: cannot write to" in out and "No space left on device" in out
+        assert not list(dist.rglob("*")) or not list(dist.rglob("*.rknn")), list(dist.rglob("*"))
+        assert not list(project.root.rglob("*.partial"))
+    finally:
+        subprocess.run(["umount", str(dist)], check=False)
+    assert "export:alpha@rk3588" in Project.ran(project.doit("export:alpha@rk3588"))
+
+
+def _workers(root: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pipeline.worker" in cmdline and any(str(root).encode() in part for part in cmdline):
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_for_worker(root: Path, limit: float = 120) -> int:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        workers = _workers(root)
+        if workers:
+            return workers[0]
+        time.sleep(0.1)
+    raise AssertionError("no conversion worker started")
