@@ -389,7 +389,7 @@ class Rules:
         if entry is None:
             return self._fallback(node, target, group, self._absence_reason(group, op),
                                   f"{group}/{op}/not_on_npu")
-        return self._check_npu(node, target, group, entry)
+        return self._check_npu(node, op, target, group, entry)
 
     def _absence_reason(self, group: str, op: str) -> str:
         reason = (self._groups[group].get("off_npu") or {}).get(op) or self._off_npu.get(op)
@@ -397,8 +397,7 @@ class Rules:
             return f"{op} does not run on the {group} NPU: {reason}"
         return f"{op} is not in the {group} NPU operator list"
 
-    def _check_npu(self, node: dict, target: str, group: str, entry: dict) -> dict:
-        op = node["op_type"]
+    def _check_npu(self, node: dict, op: str, target: str, group: str, entry: dict) -> dict:
         tolerated, unknown = [], []
         for c in entry.get("constraints") or ():
             ok, value = evaluate(c, node)

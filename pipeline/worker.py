@@ -27,12 +27,11 @@ def _log(message: str) -> None:
     print(f"[rknn-pipeline] {message}", flush=True)
 
 
-def _configure(session, job: dict, op_target: dict) -> None:
+def _config_kwargs(job: dict, op_target: dict) -> dict:
     config = dict(job["config"])
     if op_target:
         config["op_target"] = dict(op_target)
-    session.config(**config)
-    session.load_onnx(job["onnx"], **job["load_onnx"])
+    return config
 
 
 def _build_once(session, job: dict, op_target: dict, workdir: Path):
@@ -44,41 +43,55 @@ def _build_once(session, job: dict, op_target: dict, workdir: Path):
     """
     from pipeline.toolkit import Session
 
-    _configure(session, job, op_target)
+    session.config(**_config_kwargs(job, op_target))
+    session.load_onnx(job["onnx"], **job["load_onnx"])
     build = dict(job["build"])
     hybrid = job.get("hybrid")
-    if hybrid:
-        session.hybrid_step1(dataset=build["dataset"], rknn_batch_size=build.get("rknn_batch_size"))
-        session.release()
-        # step1 writes <model>.model/.data/.quantization.cfg next to the cwd; we add the layer ranges.
-        stem = Path(job["onnx"]).stem
-        cfg = workdir / f"{stem}.quantization.cfg"
-        _add_custom_hybrid_layers(cfg, hybrid["custom_layers"])
-        session = Session(verbose=True)
-        session.hybrid_step2(str(workdir / f"{stem}.model"), str(workdir / f"{stem}.data"), str(cfg))
+    if not hybrid:
+        session.build(**build)
         return session
-    session.build(**build)
+    # step1 writes <stem>.model/.data/.quantization.cfg into the cwd (the workdir); we add the
+    # manifest's float ranges to the .cfg, then step2 builds from those three files.
+    session.hybrid_step1(dataset=build["dataset"], rknn_batch_size=build.get("rknn_batch_size"))
+    session.release()
+    stem = Path(job["onnx"]).stem
+    cfg = workdir / f"{stem}.quantization.cfg"
+    _add_custom_hybrid_layers(cfg, hybrid.get("custom_layers") or [])
+    session = Session(verbose=True)
+    session.config(**_config_kwargs(job, op_target))
+    session.hybrid_step2(str(workdir / f"{stem}.model"), str(workdir / f"{stem}.data"), str(cfg))
     return session
 
 
-def _add_custom_hybrid_layers(cfg: Path, layers: list[dict]) -> None:
-    """Write the manifest's ``quantization.hybrid.custom_layers`` into the step1 .cfg.
+def _add_custom_hybrid_layers(cfg: Path, ranges: list[dict]) -> None:
+    """Write the manifest's ``quantization.hybrid.custom_layers`` ranges into the step1 .cfg.
 
-    The toolkit reads ``custom_quantize_layers: {tensor: float16}`` from that file;
-    writing it here means nobody edits the generated file by hand.
+    Each range ``{start, end}`` names two tensors; every tensor from start to end
+    in the order the toolkit lists them (its own topological order, in
+    ``quantize_parameters``) is kept in float16 via ``custom_quantize_layers``.
+    Writing it here means nobody edits the generated file by hand.
     """
+    import difflib
+
     import yaml
 
-    text = cfg.read_text()
-    data = yaml.safe_load(text) or {}
-    custom = data.get("custom_quantize_layers") or {}
-    for layer in layers:
-        for key in ("start", "end"):
-            if layer.get(key):
-                custom[layer[key]] = layer.get("dtype", "float16")
+    data = yaml.safe_load(cfg.read_text()) or {}
+    order = list((data.get("quantize_parameters") or {}).keys())
+    custom = dict(data.get("custom_quantize_layers") or {})
+    for item in ranges:
+        ends = [item.get("start"), item.get("end") or item.get("start")]
+        for name in ends:
+            if name not in order:
+                near = ", ".join(difflib.get_close_matches(name or "", order, n=5, cutoff=0.3) or order[:5])
+                raise ValueError(f"quantization.hybrid.custom_layers: '{name}' is not a tensor the toolkit "
+                                 f"quantizes (nearest: {near})")
+        first, last = sorted(order.index(name) for name in ends)
+        for name in order[first:last + 1]:
+            custom[name] = item.get("dtype", "float16")
     data["custom_quantize_layers"] = custom
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-    _log(f"hybrid: {len(custom)} custom float layers written to {cfg.name}")
+    _log(f"hybrid: {len(custom)} tensors kept in float ({', '.join(list(custom)[:6])}"
+         f"{', ...' if len(custom) > 6 else ''}) written to {cfg.name}")
 
 
 def _remap_op_target(session, op_target: dict, tensor_nodes: dict) -> tuple[dict, list[dict]]:
