@@ -69,11 +69,12 @@ def parse_layer_table(log_text: str) -> list[dict]:
                 break
             continue
         cells = line.split(None, 8)
-        if not seen_header or len(cells) < 9 or not cells[0].isdigit():
+        if not seen_header or len(cells) < 8 or not cells[0].isdigit():
             if seen_header and records:
                 break
             continue
-        layer_id, op_type, dtype, target, ins, outs, cycles, rw, full_name = cells
+        # FullName is empty for layers the compiler made up (e.g. a tiled Conv's parts)
+        layer_id, op_type, dtype, target, ins, outs, cycles, rw, full_name = (cells + [""])[:9]
         origin_op, _, node = full_name.strip().partition(":")
         records.append({
             "id": int(layer_id),

@@ -44,3 +44,12 @@ def test_last_table_wins_and_missing_table_is_empty():
 def test_ansi_colour_codes_are_ignored():
     coloured = "\n".join(f"\x1b[0m{line}" if " NPU " in line else line for line in FIXTURE.read_text().splitlines())
     assert summarize(parse_layer_table(coloured))["npu"] == 104
+
+
+def test_a_row_with_an_empty_full_name_is_kept():
+    lines = FIXTURE.read_text().splitlines()
+    row = next(i for i, line in enumerate(lines) if "Conv:n8 " in line)
+    lines[row] = lines[row].replace("Conv:n8", "       ")
+    layers = parse_layer_table("\n".join(lines))
+    assert len(layers) == 113
+    assert layers[3]["full_name"] == "" and layers[3]["node"] == "" and layers[3]["target"] == "NPU"
