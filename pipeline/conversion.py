@@ -200,7 +200,7 @@ def convert(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
         "seconds": result.get("seconds"),
         "verify": result.get("verify"),
         "placement": summarize(layers) if layers else None,
-        "diagnostics": diagnostics.explain_log(log_text),
+        "diagnostics": reconcile(diagnostics.explain_log(log_text), result, layers),
     }
     partial = Path(job["rknn_path"])
     verify = result.get("verify")
@@ -220,6 +220,25 @@ def convert(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
     files.atomic_write_json(workdir / "convert.json", record)
     os.replace(partial, final_rknn)
     return record
+
+
+def reconcile(items: list[dict], result: dict, layers: list[dict]) -> list[dict]:
+    """Drop log diagnostics that the final build proved moot.
+
+    The toolkit prints ``Invalid key ... in 'op_target'`` for a first attempt
+    the worker then remapped, and ``AveragePool count_include_pad=0, fallback
+    to cpu`` even when op_target moved every pool to the NPU; repeating those
+    after a good build would send users chasing problems they do not have.
+    """
+    on_cpu = {layer.get("origin_op") or layer["op_type"] for layer in layers if layer["target"] == "CPU"}
+    kept = []
+    for item in items:
+        if item["id"] == "op-target-key-invalid" and result.get("ok") and result.get("remaps"):
+            continue
+        if item["id"] == "averagepool-count-include-pad" and layers and "AveragePool" not in on_cpu:
+            continue
+        kept.append(item)
+    return kept
 
 
 def failure_message(record: dict, log_path: Path) -> str:

@@ -237,9 +237,17 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         layout.sidecar(name, target).unlink(missing_ok=True)
         raise StageFailed(f"{name}@{target}: cannot write to {layout.dist}: {exc.strerror or exc}. "
                           f"Free some space or fix the directory's permissions, then run doit again.") from exc
-    lines = [f"export {name}@{target}  dist/{target}/{name}.rknn  {sidecar['rknn']['size'] / 1e6:.1f} MB"]
+    lines = [f"export {name}@{target}  dist/{target}/{name}.rknn  {_size(sidecar['rknn']['size'])}"]
     lines += [f"  warning: {w}" for w in warnings]
     return lines
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
 
 
 LOCK_FIELDS = ("inputs", "versions", "arguments", "op_target", "remaps", "rewrites", "placement")
