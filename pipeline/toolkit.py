@@ -16,14 +16,16 @@ toolkit.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from importlib import metadata
 
 DISTRIBUTION = "rknn-toolkit2"
 _INVALID_OP_TARGET_KEY = re.compile(r"Invalid key of '(?P<key>.*?)' in 'op_target'")
 
 
+@lru_cache(maxsize=1)
 def installed_version() -> str | None:
-    """The installed rknn-toolkit2 version, read from package metadata (cheap: no import)."""
+    """The installed rknn-toolkit2 version, read from package metadata (no import; once per process)."""
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
