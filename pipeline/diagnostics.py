@@ -69,7 +69,7 @@ def _table_path(path: str | Path | None) -> str:
 @functools.cache
 def _compiled_table(path: str) -> tuple[tuple[dict, re.Pattern], ...]:
     try:
-        entries = yaml.safe_load(Path(path).read_text())
+        entries = yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         raise ValueError(f"diagnostics table {path}: not valid YAML: {exc}") from exc
     if not isinstance(entries, list):

@@ -321,7 +321,7 @@ def describe_failure(c: dict, value: Any) -> str:
 @functools.lru_cache(maxsize=None)
 def _load_cached(path: str) -> "Rules":
     with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
+        data = yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C parser: 10x faster
     validate(data)
     return Rules(data)
 

@@ -133,10 +133,9 @@ def _samples(model: dict) -> list[str]:
 # -- keys: only the manifest fields each task uses ---------------------------
 
 def analyze_key(model: dict, target: str) -> dict:
-    from pipeline.placement_rules import Rules
-
+    # the rules table is a file_dep, so its content is not repeated here
     return {"format": PIPELINE_FORMAT, "target": target, "inputs": model.get("inputs"),
-            "outputs": model.get("outputs"), "rules": Rules.load().version}
+            "outputs": model.get("outputs"), "options": model.get("options")}
 
 
 def resolve_key(model: dict, target: str) -> dict:
