@@ -173,8 +173,13 @@ def placement_check(model: dict, target: str, record: dict, resolved: dict, rule
     return warnings, errors
 
 
-def predicted_vs_actual(analysis: dict, layers: list[dict]) -> list[dict]:
-    """Nodes whose predicted placement differs from the layer table's (the rules table's misses)."""
+def predicted_vs_actual(analysis: dict, layers: list[dict], resolved: dict) -> list[dict]:
+    """Nodes whose predicted placement differs from the layer table's: the rules table's misses.
+
+    Nodes an override placed or rewrote are left out: they moved because the user asked.
+    """
+    steered = {item["node"] for item in (resolved.get("explanations") or {}).values()}
+    steered |= {item["node"] for item in resolved.get("rewrites") or []}
     actual: dict[str, str] = {}
     for layer in layers:
         if layer.get("node") and layer["target"] in ("CPU", "NPU"):
@@ -185,7 +190,7 @@ def predicted_vs_actual(analysis: dict, layers: list[dict]) -> list[dict]:
     for node in analysis["nodes"]:
         predicted = node["predicted"]["placement"]
         got = actual.get(node["name"])
-        if got and predicted in ("npu", "cpu", "unsupported") and (predicted == "npu") != (got == "npu"):
+        if got and node["name"] not in steered and predicted in ("npu", "cpu", "unsupported") and (predicted == "npu") != (got == "npu"):
             out.append({"node": node["name"], "op_type": node["op_type"], "predicted": predicted, "actual": got,
                         "reason": node["predicted"]["reason"]})
     return out
@@ -221,7 +226,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "overrides": resolved.get("overrides_applied") or [],
         "rewrites": resolved.get("rewrites") or [],
         "placement": record.get("placement"),
-        "predicted_vs_actual": predicted_vs_actual(analysis, layers),
+        "predicted_vs_actual": predicted_vs_actual(analysis, layers, resolved),
         "verify": record.get("verify"),
         "convert_seconds": record.get("seconds"),
         "cache": record.get("cache"),

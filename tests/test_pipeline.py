@@ -63,9 +63,10 @@ def test_override_npu_moves_the_seven_averagepools_to_the_npu(built):
     assert len(sidecar["op_target"]) == 8 and set(sidecar["op_target"].values()) == {"npu"}
     # the build says that forcing count_include_pad=0 pools onto the NPU may change values
     assert any("rewrite" in w for w in sidecar["warnings"])
-    # and the layer table disagrees with the rules' prediction exactly on those pools
-    disagreements = {d["node"] for d in sidecar["predicted_vs_actual"]}
-    assert disagreements == {"n65", "n116", "n204", "n255", "n306", "n357", "n445"}
+    # the rules predicted those pools on the CPU; they moved because the override asked, which is
+    # not a misprediction, so predicted and actual placement agree everywhere else
+    assert sidecar["overrides"][0]["nodes"] == ["n65", "n116", "n204", "n255", "n306", "n357", "n445", "n505"]
+    assert sidecar["predicted_vs_actual"] == []
 
 
 def test_rewrite_runs_every_pool_on_the_npu_of_rv1106_with_empty_op_target(built):
