@@ -206,6 +206,28 @@ def node_attributes(node, opset: int) -> dict:
     return attrs
 
 
+def needed_nodes(model, outputs: list[str] | None) -> set[int]:
+    """Indices of the nodes that compute ``outputs`` (all nodes when None).
+
+    ``outputs`` cuts the graph in the toolkit's load_onnx; the analysis must
+    describe the same subgraph, or it would predict placements for nodes that
+    are never converted.
+    """
+    nodes = list(model.graph.node)
+    if not outputs:
+        return set(range(len(nodes)))
+    producer = {out: index for index, node in enumerate(nodes) for out in node.output}
+    kept: set[int] = set()
+    pending = [producer[name] for name in outputs if name in producer]
+    while pending:
+        index = pending.pop()
+        if index in kept:
+            continue
+        kept.add(index)
+        pending += [producer[name] for name in nodes[index].input if name in producer]
+    return kept
+
+
 def small_constants(model, limit: int = _CONSTANT_ELEMENTS) -> dict[str, list]:
     """Values of small constant tensors (initializers and Constant outputs), by tensor name.
 
@@ -285,8 +307,11 @@ def analyze(model_record: dict, target: str, rules) -> dict:
             raise AnalysisError(f"outputs: '{name}' is not a tensor of the model")
 
     constants = small_constants(model)
+    kept = needed_nodes(model, model_record.get("outputs"))
     nodes = []
     for index, node in enumerate(model.graph.node):
+        if index not in kept:
+            continue
         attrs = node_attributes(node, _opset(model, node.domain))
         attrs.update(constant_inputs(node, _opset(model, node.domain), constants, attrs))
         record = {

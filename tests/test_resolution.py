@@ -127,3 +127,11 @@ def test_rewrite_refuses_other_ops(inception_rk3588, rules, tmp_path):
     with pytest.raises(ResolutionError, match="rewrite is defined for AveragePool only"):
         resolve(_model([{"match": {"op_type": "Softmax"}, "action": "rewrite"}]), "rk3588", inception_rk3588, rules,
                 workdir=tmp_path)
+
+
+def test_analysis_of_a_cut_graph_covers_only_the_nodes_that_compute_its_outputs(rules):
+    model = {"name": "stem", "source": str(EXAMPLES / "light_densenet121.onnx"), "inputs": {"data_0": [1, 3, 224, 224]},
+             "outputs": ["r7"]}
+    doc = analyze(model, "rk3588", rules)
+    assert doc["op_histogram"]["Conv"] == 1 and doc["op_histogram"]["MaxPool"] == 1
+    assert "Concat" not in doc["op_histogram"]
