@@ -1,0 +1,40 @@
+"""What doit prints for a bad manifest or a wrong toolkit version: located errors, no traceback, nothing built."""
+
+from __future__ import annotations
+
+from conftest import Project
+
+
+def _assert_refused(project: Project, proc) -> None:
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (project.root / "build").exists() and not (project.root / "dist").exists()
+
+
+def test_every_manifest_problem_is_reported_with_its_location(project):
+    project.write_manifest("version: 1\nmodels:\n  - name: a\n    source: nope.onnx\n    tragets: [rk3588]\n"
+                           "  - name: b\n    source: examples/models/tiny_pool_identity.onnx\n    targets: [rv1106]\n")
+    proc = project.doit(check=False)
+    _assert_refused(project, proc)
+    assert "models.yaml:4:13: source 'nope.onnx' does not exist" in proc.stderr
+    assert "models.yaml:5:5: unknown key 'tragets'; did you mean 'targets'?" in proc.stderr
+    assert "models.yaml:8:15: rv1106 requires quantization" in proc.stderr
+
+
+def test_a_billion_laughs_manifest_is_refused_quickly(project):
+    lines = ["version: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    lines.append("models: *a8")
+    project.write_manifest("\n".join(lines) + "\n")
+    proc = project.doit(check=False, timeout=60)
+    _assert_refused(project, proc)
+    assert "models.yaml:" in proc.stderr and "alias" in proc.stderr.lower()
+
+
+def test_a_pinned_toolkit_version_that_is_not_installed_stops_before_any_conversion(project):
+    project.write_manifest('version: 1\ntoolkit: "2.4.0"\nmodels:\n  - name: t\n'
+                           '    source: examples/models/tiny_pool_identity.onnx\n    targets: [rk3588]\n'
+                           '    inputs: {x: [1, 3, 32, 32]}\n')
+    proc = project.doit(check=False)
+    _assert_refused(project, proc)
+    assert "models.yaml:2:10: the manifest expects rknn-toolkit2 2.4.0, but 2.5.0 is installed" in proc.stderr
