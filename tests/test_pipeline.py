@@ -146,3 +146,26 @@ def test_a_copy_of_dodo_builds_in_an_empty_directory(tmp_path, pool_identity_mod
     proc = subprocess.run([sys.executable, "-m", "doit"], cwd=workdir, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (workdir / "dist" / "rk3588" / "tiny.rknn").is_file()
+
+
+def test_rv1106_cpu_fallbacks_are_flagged_and_fail_under_cpu_fallback_error(tmp_path):
+    project = Project(tmp_path)
+    project.write_manifest("""\
+version: 1
+models:
+  - name: inception_v2
+    source: examples/models/light_inception_v2.onnx
+    targets: [rv1106]
+    inputs: {data_0: [1, 3, 224, 224]}
+    quantization: {dataset: examples/calib/inception_v2.txt}
+    cpu_fallback: error
+""")
+    proc = project.doit(check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "inception_v2@rv1106: 7 layer(s) run on the CPU that no override asked for" in out
+    assert "(cpu_fallback: error)" in out
+    # the board failure is predicted too, with the nodes named
+    assert "the rv1106 CPU runtime cannot run them" in out and "AveragePool:n65" in out
+    assert "rknn fallback cpu failed" in out
+    assert not (project.root / "dist" / "rv1106" / "inception_v2.rknn").exists()
