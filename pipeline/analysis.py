@@ -436,8 +436,9 @@ def wiring_problems(model) -> list[str]:
     if not dangling:
         return []
     more = f" (and {len(dangling) - 3} more)" if len(dangling) > 3 else ""
-    return [f"{'; '.join(dangling[:3])}{more}: no node, graph input or initializer provides it; "
-            f"the file is corrupt or was edited by hand"]
+    message = (f"{'; '.join(dangling[:3])}{more}: no node, graph input or initializer provides it; "
+               f"the file is corrupt or was edited by hand")
+    return [message]
 
 
 def toolkit_problems(model) -> list[str]:

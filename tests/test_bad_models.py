@@ -236,7 +236,7 @@ def _failures(proc) -> dict[str, str]:
 
 
 def test_the_bad_build_fails_before_any_conversion(bad_build):
-    project, proc = bad_build
+    _, proc = bad_build
     assert proc.returncode != 0
     assert "Traceback" not in proc.stdout + proc.stderr
     ran = Project.ran(proc)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_pool_identity_model
@@ -89,15 +89,23 @@ def _last_line(text: str) -> int:
     the end): tolerated here, one line past the end and no further.
     """
     lines = len(LINE_BREAK.findall(text)) + 1
-    return lines if LINE_BREAK.search(text[-2:] or "\n") else lines + 1
+    return lines if not text or text[-1] in "\r\n\x85\u2028\u2029" else lines + 1
+
+
+def _count(outcome: str) -> None:
+    """Tally outcomes for ``--hypothesis-show-statistics``: a fuzzer that only ever sees refusals
+    would not be reaching the checks behind the schema."""
+    if currently_in_test_context():
+        event(outcome)
 
 
 def check_document(path: Path, raw: bytes) -> Manifest | None:
     """The property: a manifest, or ManifestError with well-formed positions inside the file."""
     path.write_bytes(raw)
     try:
-        return load_manifest(path, check_files=False)
+        manifest = load_manifest(path, check_files=False)
     except ManifestError as error:
+        _count("refused")
         assert error.problems, "a ManifestError without problems"
         lines = _last_line(raw.decode("utf-8", "replace"))
         for problem in error.problems:
@@ -110,6 +118,8 @@ def check_document(path: Path, raw: bytes) -> Manifest | None:
             assert line <= lines, f"{text} (past line {lines}, the end of the file)"
             assert match["message"].strip(), text
         return None
+    _count("loaded")
+    return manifest
 
 
 # -- property 1: arbitrary documents ---------------------------------------------------------
@@ -269,18 +279,21 @@ def test_any_mutation_of_a_valid_manifest_gives_a_manifest_or_located_problems(t
 # -- explicit hostile inputs ---------------------------------------------------------------------
 
 
-def _big_manifest(count: int, key: str = "targets") -> str:
-    entries = "".join(f"  - name: model-{i}\n    source: sq.onnx\n    {key}: [rk3588]\n" for i in range(count))
-    return "version: 1\nmodels:\n" + entries
+def _big_manifest(count: int, last_name: str) -> str:
+    entries = "".join(f"  - name: model-{i}\n    source: sq.onnx\n    targets: [rk3588]\n" for i in range(count - 1))
+    return f"version: 1\nmodels:\n{entries}  - name: {last_name}\n    source: sq.onnx\n    targets: [rk3588]\n"
 
 
-@pytest.mark.parametrize("key", ["targets", "tragets"], ids=["valid", "every-model-misspelt"])
-def test_a_10000_model_manifest_stays_within_bounded_memory(tmp_path, monkeypatch, key):
-    """Memory, not time: the loader must not blow up on a large manifest, valid or not."""
+@pytest.mark.parametrize("last_name", ["model-9999", "model-0"], ids=["valid", "last-name-repeats-the-first"])
+def test_a_10000_model_manifest_stays_within_bounded_memory(tmp_path, monkeypatch, last_name):
+    """Memory, not time: a large manifest loads (sources checked) or is refused without blowing up.
+
+    The refused variant fails only at its last line, so every model is read and checked first.
+    """
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     make_pool_identity_model(tmp_path / "sq.onnx")
     path = tmp_path / "models.yaml"
-    path.write_text(_big_manifest(10_000, key))
+    path.write_text(_big_manifest(10_000, last_name))
     tracemalloc.start()
     try:
         try:
@@ -291,12 +304,11 @@ def test_a_10000_model_manifest_stays_within_bounded_memory(tmp_path, monkeypatc
     finally:
         tracemalloc.stop()
     assert peak < 500 * 2**20, f"peak {peak / 2**20:.0f} MiB"
-    if key == "targets":
+    if last_name == "model-9999":
         assert isinstance(outcome, Manifest) and len(outcome.models) == 10_000
     else:
-        assert isinstance(outcome, ManifestError) and len(outcome.problems) == 20_000
-        assert str(outcome.problems[0]) == f"{path}:3:5: model 'model-0' has no targets: add targets: to it or to defaults:"
-        assert str(outcome.problems[1]) == f"{path}:5:5: unknown key 'tragets'; did you mean 'targets'?"
+        assert isinstance(outcome, ManifestError)
+        assert str(outcome) == f"{path}:30000:11: duplicate model name 'model-0' (first used at line 3)"
 
 
 def test_non_utf8_bytes_are_located(tmp_path):
@@ -312,7 +324,7 @@ def test_non_utf8_bytes_are_located(tmp_path):
 @pytest.mark.parametrize(("text", "where"), [
     ("version: 1\nmodels:\n\t- name: m\n", "3:1"),
     ("version: 1\nmodels:\n  - name: m\n\t  source: m.onnx\n", "4:1"),
-    ("version:\t1\nmodels: []\n", None),  # a tab between key and value is allowed by YAML
+    ("version:\t1\nmodels:\n  - name: m\n    source:\tm.onnx\n    targets: [rk3588]\n", None),  # YAML allows a tab here
 ])
 def test_tabs(tmp_path, text, where):
     path = tmp_path / "models.yaml"
