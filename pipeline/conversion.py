@@ -142,7 +142,7 @@ def run_worker(job: dict, log_path: Path, timeout: float) -> dict:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([worker_python(), "-m", "pipeline.worker", str(job_path)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
         try:
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -162,6 +162,22 @@ def run_worker(job: dict, log_path: Path, timeout: float) -> dict:
     result["returncode"] = returncode
     result.setdefault("seconds", round(time.monotonic() - started, 3))
     return result
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: ask Linux to SIGKILL it if its parent dies.
+
+    The worker runs in its own session (so a timeout can kill its whole group),
+    which also hides it from a Ctrl-C sent to doit's process group. If doit's
+    process-mode children are killed before their cleanup runs, this keeps
+    orphaned toolkit processes from converting on with nobody listening.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except OSError:  # not Linux/glibc: the parent's own cleanup still applies
+        pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -238,8 +238,11 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         files.atomic_write_json(layout.sidecar(name, target), sidecar)
     except OSError as exc:
         # A new .rknn beside an old sidecar would lie: remove both so nothing looks finished.
-        layout.dist_rknn(name, target).unlink(missing_ok=True)
-        layout.sidecar(name, target).unlink(missing_ok=True)
+        for published in (layout.dist_rknn(name, target), layout.sidecar(name, target)):
+            try:
+                published.unlink(missing_ok=True)
+            except OSError:  # dist/ itself is unusable (not a directory): nothing was published
+                pass
         raise StageFailed(f"{name}@{target}: cannot write to {layout.dist}: {exc.strerror or exc}. "
                           f"Free some space or fix the directory's permissions, then run doit again.") from exc
     lines = [f"export {name}@{target}  dist/{target}/{name}.rknn  {_size(sidecar['rknn']['size'])}"]
