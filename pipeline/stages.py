@@ -130,6 +130,7 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
             record = files.read_json(layout.convert_record(name, target))
             record["cache"] = {"key": key, "hit": True}
             files.atomic_write_json(layout.convert_record(name, target), record)
+            _record_remaps(layout, name, target, resolved, record)
             return verdict_line(record, time.monotonic() - started, True), detail_lines(record)
     try:
         record = conversion.convert(model, target, resolved, workdir)
@@ -137,12 +138,28 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
         raise StageFailed(str(exc)) from exc
     record["cache"] = {"key": key, "hit": False}
     files.atomic_write_json(layout.convert_record(name, target), record)
+    _record_remaps(layout, name, target, resolved, record)
     if store is not None:
         try:
             store.put(key, {f: workdir / f for f in CACHED_FILES}, meta={"model": name, "target": target})
         except OSError as exc:  # a full or read-only cache must not fail a good build
             print(f"  warning: could not store {name}@{target} in the cache: {exc}")
     return verdict_line(record, record.get("seconds"), False), detail_lines(record)
+
+
+def _record_remaps(layout, name: str, target: str, resolved: dict, record: dict) -> None:
+    """Add the worker's op_target remaps to resolved.json, beside the keys they replaced.
+
+    ``op_target`` stays as resolution computed it (it is part of the cache key);
+    ``remaps`` and ``op_target_used`` say what the toolkit finally accepted.
+    doit records file_dep checksums after the task, so this does not make
+    convert stale.
+    """
+    remaps = record.get("remaps") or []
+    if resolved.get("remaps", []) == remaps and resolved.get("op_target_used") == record.get("op_target"):
+        return
+    files.atomic_write_json(layout.resolved(name, target),
+                            {**resolved, "remaps": remaps, "op_target_used": record.get("op_target")})
 
 
 def placement_check(model: dict, target: str, record: dict, resolved: dict, rules) -> tuple[list[str], list[str]]:

@@ -38,3 +38,35 @@ def test_a_pinned_toolkit_version_that_is_not_installed_stops_before_any_convers
     proc = project.doit(check=False)
     _assert_refused(project, proc)
     assert "models.yaml:2:10: the manifest expects rknn-toolkit2 2.4.0, but 2.5.0 is installed" in proc.stderr
+
+
+def test_manifest_variable_selects_another_manifest(project):
+    project.write_manifest("version: 1\nmodels:\n  - name: other\n    source: examples/models/tiny_pool_identity.onnx\n"
+                           "    targets: [rk3566]\n    inputs: {x: [1, 3, 32, 32]}\n", name="other.yaml")
+    proc = project.doit("list", "--all", "manifest=other.yaml")
+    assert "convert:other@rk3566" in proc.stdout
+
+
+def test_the_ci_workflow_is_valid_yaml_and_keys_the_cache_by_the_printed_key():
+    import yaml
+
+    from conftest import REPO
+
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "build.yml").read_text())
+    steps = workflow["jobs"]["convert"]["steps"]
+    key_step = next(step for step in steps if step.get("id") == "key")
+    assert "python -m pipeline.ci models.yaml" in key_step["run"]
+    cache_step = next(step for step in steps if str(step.get("uses", "")).startswith("actions/cache"))
+    assert cache_step["with"]["key"] == "${{ steps.key.outputs.key }}"
+    assert cache_step["with"]["path"] in workflow["jobs"]["convert"]["env"]["RKNN_PIPELINE_CACHE"]
+
+
+def test_the_ci_key_is_printed_and_stable(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    runs = [subprocess.run([sys.executable, "-m", "pipeline.ci", "models.yaml"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.strip() for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0].startswith("rknn-") and len(runs[0]) == 5 + 64

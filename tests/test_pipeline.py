@@ -87,6 +87,9 @@ def test_an_op_target_key_renamed_by_the_toolkit_is_remapped_and_recorded(built)
     assert sidecar["op_target"] == {"y": "npu"}
     assert sidecar["placement"]["cpu"] == 0
     assert "op_target remap: '301' -> 'y'" in first.stdout
+    resolved = json.loads((project.root / "build" / "tiny_pool_identity" / "rk3588" / "resolved.json").read_text())
+    assert resolved["op_target"] == {"301": "npu"} and resolved["op_target_used"] == {"y": "npu"}
+    assert resolved["remaps"] == sidecar["remaps"]
     assert sidecar["arguments"]["load_onnx"] == {"inputs": ["x"], "input_size_list": [[1, 3, 32, 32]]}
 
 
