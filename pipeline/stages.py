@@ -224,8 +224,13 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     analysis = files.read_json(layout.analysis(name, target))
     layers = files.read_json(layout.placement(name, target), [])
     warnings, errors = placement_check(model, target, record, resolved, Rules.load())
+    failure = layout.workdir(name, target) / "export-error.json"
     if errors:
+        # What dist/ holds from an earlier build no longer matches the manifest: withdraw it.
+        _withdraw(layout, name, target)
+        files.atomic_write_json(failure, {"model": name, "target": target, "error": "\n".join(errors)})
         raise StageFailed("\n".join(errors + warnings))
+    failure.unlink(missing_ok=True)
     from pipeline.cache import file_sha256
 
     rknn = layout.rknn(name, target)
@@ -255,11 +260,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         files.atomic_write_json(layout.sidecar(name, target), sidecar)
     except OSError as exc:
         # A new .rknn beside an old sidecar would lie: remove both so nothing looks finished.
-        for published in (layout.dist_rknn(name, target), layout.sidecar(name, target)):
-            try:
-                published.unlink(missing_ok=True)
-            except OSError:  # dist/ itself is unusable (not a directory): nothing was published
-                pass
+        _withdraw(layout, name, target)
         raise StageFailed(f"{name}@{target}: cannot write to {layout.dist}: {exc.strerror or exc}. "
                           f"Free some space or fix the directory's permissions, then run doit again.") from exc
     lines = [f"export {name}@{target}  dist/{target}/{name}.rknn  {_size(sidecar['rknn']['size'])}"]
@@ -273,6 +274,15 @@ def _size(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} GB"
+
+
+def _withdraw(layout, name: str, target: str) -> None:
+    """Remove a model's published .rknn and sidecar (missing is fine)."""
+    for published in (layout.dist_rknn(name, target), layout.sidecar(name, target)):
+        try:
+            published.unlink(missing_ok=True)
+        except OSError:  # dist/ itself is unusable (not a directory): nothing is published there
+            pass
 
 
 LOCK_FIELDS = ("inputs", "versions", "arguments", "op_target", "remaps", "rewrites", "placement")
@@ -313,10 +323,12 @@ def report_records(manifest, layout) -> list[dict]:
         for target in model["targets"]:
             sidecar = files.read_json(layout.sidecar(model["name"], target))
             if sidecar is None:
-                failed = files.read_json(layout.convert_record(model["name"], target)) or {}
-                sidecar = {"model": model["name"], "target": target,
-                           "status": "failed" if failed.get("error") else "not built",
-                           "error": failed.get("error"), "placement": failed.get("placement")}
+                workdir = layout.workdir(model["name"], target)
+                converted = files.read_json(layout.convert_record(model["name"], target)) or {}
+                refused = files.read_json(workdir / "export-error.json") or {}
+                error = converted.get("error") or refused.get("error")
+                sidecar = {"model": model["name"], "target": target, "status": "failed" if error else "not built",
+                           "error": error, "placement": converted.get("placement")}
             records.append(sidecar)
     return records
 

@@ -318,12 +318,19 @@ def task_lock():
 
 
 def task_report():
-    """build/report.html and build/report.md: what runs where, per model x target."""
-    sidecars = [str(layout.sidecar(m["name"], t)) for m, t, layout in pairs()]
+    """build/report.html and build/report.md: what runs where, per model x target.
+
+    It depends only on the sidecars that exist, so `doit report` (or `doit --continue`)
+    also reports a build where some conversions failed; while any is missing it always runs.
+    """
+    sidecars = [layout.sidecar(m["name"], t) for m, t, layout in pairs()]
     _, layout = context()
-    return {"actions": [(run_report, [])], "file_dep": sidecars,
+    complete = all(path.exists() for path in sidecars)
+    return {"actions": [(run_report, [])], "file_dep": [str(p) for p in sidecars if p.exists()],
             "targets": [str(layout.report_html()), str(layout.report_md())],
-            "uptodate": [config_changed({"format": PIPELINE_FORMAT, "version": __version__})], "clean": True}
+            "uptodate": [complete, config_changed({"format": PIPELINE_FORMAT, "version": __version__,
+                                                   "pairs": [str(p) for p in sidecars]})],
+            "clean": True}
 
 
 __all__ = ["DOIT_CONFIG", "task_analyze", "task_resolve", "task_convert", "task_export", "task_lock",
