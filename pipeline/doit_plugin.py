@@ -1,10 +1,16 @@
-"""``doit rknn-status``: every model x target, up to date or stale, and why.
+"""doit commands this package adds: ``doit rknn-status`` and ``doit rknn-report``.
 
-Registered through the ``doit.COMMAND`` entry point (see pyproject.toml), so it
-is available in any project whose dodo.py uses this package. It asks doit's
-own dependency manager, exactly as ``doit`` would before running, and prints
-one row per model x target with the first stage that would run and its reason
-in plain words. Exit code 0 when everything is up to date, 1 otherwise.
+Registered through the ``doit.COMMAND`` entry point (see pyproject.toml), so they
+are available in any project whose dodo.py uses this package.
+
+``rknn-status`` asks doit's own dependency manager, exactly as ``doit`` would
+before running, and prints one row per model x target with the first stage
+that would run and its reason in plain words. Exit code 0 when everything is
+up to date, 1 otherwise.
+
+``rknn-report`` writes build/report.html and build/report.md from whatever the
+last build left, failures included, without running any task (the ``report``
+task only runs once every model x target has exported).
 """
 
 from __future__ import annotations
@@ -67,3 +73,24 @@ class StatusCommand(DoitCmdBase):
             self.outstream.write(f"{pair:{width}}  {state:18}  {why}\n")
         self.outstream.write(f"{len(rows) - stale} of {len(rows)} up to date\n")
         return 1 if stale else 0
+
+
+class ReportCommand(DoitCmdBase):
+    """Write the build report from what exists now, failed conversions included."""
+
+    name = "rknn-report"
+    doc_purpose = "write build/report.html and build/report.md from what exists, failures included"
+    doc_usage = ""
+    doc_description = None
+    cmd_options = ()
+
+    def _execute(self, pos_args=None):
+        from pipeline import stages
+        from pipeline.tasks import context
+
+        manifest, layout = context()
+        records = stages.report_records(manifest, layout)
+        html, md = stages.write_report(manifest, layout)
+        failed = sum(1 for record in records if record.get("status") != "ok")
+        self.outstream.write(f"report  {html}  {md}  ({len(records) - failed} ok, {failed} failed or not built)\n")
+        return 0

@@ -43,7 +43,7 @@ def test_tiny_benchmark_reports_every_section(tmp_path):
     assert {row[0] for row in rows} == set(SECTIONS)
     for row in rows:
         assert len(row) == len(HEADER), row
-        assert row[1] and row[2] in ("s", "x", "MB"), row
+        assert row[1] and row[2] in ("s", "x", "MiB"), row
         values = [float(cell) for cell in row[3:6]]
         assert all(math.isfinite(value) for value in values), row
         assert int(row[6]) >= 1, row

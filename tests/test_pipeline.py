@@ -173,7 +173,7 @@ models:
     assert "rknn fallback cpu failed" in out
     assert not (project.root / "dist" / "rv1106" / "inception_v2.rknn").exists()
     # the report still tells the story of a failed build
-    project.doit("report")
+    project.doit("rknn-report")
     row = next(line for line in (project.root / "build" / "report.md").read_text().splitlines()
                if line.startswith("| inception_v2 | rv1106 |"))
     assert "| failed |" in row
