@@ -1,0 +1,906 @@
+"""Benchmarks: rknn-pipeline against hand-written toolkit scripts, and its own overheads.
+
+    uv run python benchmarks/run.py              # full run: prints the table, writes docs/benchmarks.md
+    uv run python benchmarks/run.py --repeat 5   # more runs per figure (default 3)
+    uv run python benchmarks/run.py --tiny --out b.md  # smoke configuration (seconds, not minutes)
+
+Everything happens in a scratch directory (deleted afterwards unless ``--keep``):
+each measured build gets a fresh copy of ``dodo.py``, ``examples/`` and a manifest,
+and every doit run is ``python -m doit`` in its own process, timed from outside
+with ``time.perf_counter``. Each figure is the median of ``--repeat`` runs, with
+min and max; ratios are taken run by run (run i of one side against run i of the
+other) and summarised the same way. Progress goes to stderr, the table to stdout.
+
+A generated Conv+AveragePool model (1x3x16x16) serves the parallel figure. ``--tiny``
+uses it for every figure instead of the example models (float16 and int8), runs each
+figure once, measures scale at 10 pairs only and makes the "large" model 5 MB; it
+never writes docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS_OUT = REPO / "docs" / "benchmarks.md"
+CACHE_ENV = "RKNN_PIPELINE_CACHE"
+WORKER_ENV = "RKNN_PIPELINE_WORKER_PYTHON"
+GNU_TIME = Path("/usr/bin/time")
+# The models.yaml entries the benchmark builds: the three float16 example models and the int8 one.
+# Other entries are left out to keep a full run near 15 minutes (and a hybrid-quantized build is
+# two toolkit steps, not the config/load_onnx/build loop the peers run).
+BENCH_MODELS = ("inception_v2", "inception_v2_int8", "densenet121", "shufflenet")
+PARALLEL_TARGETS = ("rk3588", "rk3576", "rk3566", "rk3562")  # all convert float16 models
+SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore",
+            "6 scale", "7 large model")
+
+
+@dataclass(frozen=True)
+class Config:
+    tiny: bool
+    repeat: int
+    scales: tuple[int, ...]
+    noop_scales: tuple[int, ...]  # scales at which a real build is made for a no-op doit
+    large_layers: int
+    large_dim: int  # each layer's weight is large_dim x large_dim float32
+
+
+def full_config(repeat: int) -> Config:
+    # 5 x 5000 x 5000 float32 = 500 MB of external weights
+    return Config(tiny=False, repeat=repeat, scales=(50, 200, 1000), noop_scales=(50,),
+                  large_layers=5, large_dim=5000)
+
+
+def tiny_config() -> Config:
+    return Config(tiny=True, repeat=1, scales=(10,), noop_scales=(10,), large_layers=5, large_dim=512)
+
+
+# -- rows and the table ---------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    section: str
+    measurement: str
+    unit: str
+    samples: list[float]
+
+    def cells(self) -> list[str]:
+        return [self.section, self.measurement, self.unit, number(statistics.median(self.samples)),
+                number(min(self.samples)), number(max(self.samples)), str(len(self.samples))]
+
+
+def number(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def ratios(numerators: list[float], denominators: list[float]) -> list[float]:
+    """Run-by-run ratios; the shorter list is cycled when the counts differ."""
+    count = max(len(numerators), len(denominators))
+    return [numerators[i % len(numerators)] / denominators[i % len(denominators)] for i in range(count)]
+
+
+def render_table(rows: list[Row]) -> str:
+    header = ["section", "measurement", "unit", "median", "min", "max", "runs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- scratch workspaces and processes ------------------------------------------------------
+
+
+class BenchmarkError(RuntimeError):
+    pass
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+class Scratch:
+    """The scratch tree: assets, workspaces, logs, and the subprocess environment."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir()
+        self._count = 0
+        self.env = {k: v for k, v in os.environ.items() if k not in (CACHE_ENV, WORKER_ENV)}
+
+    def path(self, label: str) -> Path:
+        self._count += 1
+        return self.root / f"{self._count:03d}-{label}"
+
+    def workspace(self, label: str, manifest: dict) -> Path:
+        """A fresh project: the repo's dodo.py, examples/, the tiny assets, and ``manifest``."""
+        ws = self.path(label)
+        ws.mkdir()
+        shutil.copy(REPO / "dodo.py", ws / "dodo.py")
+        shutil.copytree(REPO / "examples", ws / "examples")
+        shutil.copytree(self.root / "assets" / "tiny", ws / "tiny")
+        write_manifest(ws / "models.yaml", manifest)
+        return ws
+
+    def run(self, cmd: list[str], cwd: Path, label: str, env: dict | None = None) -> tuple[float, str]:
+        """Run ``cmd`` with its output in a log file; return (seconds, output)."""
+        log = self.logs / f"{self.path(label).name}.log"
+        with open(log, "wb") as out:
+            started = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=cwd, env=env or self.env, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL)
+            seconds = time.perf_counter() - started
+        text = log.read_text(errors="replace")
+        if proc.returncode != 0:
+            tail = "\n".join(text.splitlines()[-30:])
+            raise BenchmarkError(f"{shlex.join(cmd)} failed with code {proc.returncode} in {cwd}:\n{tail}")
+        return seconds, text
+
+    def doit(self, ws: Path, *args: str, env: dict | None = None) -> tuple[float, str]:
+        return self.run([sys.executable, "-m", "doit", *args], ws, "doit", env)
+
+    def python(self, code: str, *args: str, cwd: Path) -> dict:
+        """Run a Python snippet that prints one JSON object; return it."""
+        _, text = self.run([sys.executable, "-c", code, *args], cwd, "python")
+        return json.loads(text.strip().splitlines()[-1])
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
+def converted(output: str) -> list[str]:
+    """model@target of every convert task doit ran (not the up-to-date ones)."""
+    return re.findall(r"^\.  convert:(\S+)$", output, flags=re.M)
+
+
+def cache_hits(output: str) -> int:
+    return len(re.findall(r"^convert \S+ .*\(cache hit\)$", output, flags=re.M))
+
+
+# -- models and manifests ------------------------------------------------------------------
+
+
+def example_manifest() -> dict:
+    """The BENCH_MODELS entries of models.yaml, without ``verify`` (the peers do no accuracy check)."""
+    manifest = yaml.safe_load((REPO / "models.yaml").read_text())
+    by_name = {model["name"]: model for model in manifest["models"]}
+    missing = [name for name in BENCH_MODELS if name not in by_name]
+    if missing:
+        raise BenchmarkError(f"models.yaml has no model named {', '.join(missing)}; update BENCH_MODELS")
+    manifest["models"] = [by_name[name] for name in BENCH_MODELS]
+    manifest.get("defaults", {}).pop("verify", None)
+    for model in manifest["models"]:
+        model.pop("verify", None)
+    return manifest
+
+
+def tiny_manifest() -> dict:
+    shape = {"x": [1, 3, 16, 16]}
+    return {
+        "version": 1,
+        "defaults": {"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]]},
+        "models": [
+            {"name": "tiny", "source": "tiny/tiny.onnx", "targets": ["rk3588"], "inputs": shape},
+            {"name": "tiny_int8", "source": "tiny/tiny_int8.onnx", "targets": ["rv1106"], "inputs": shape,
+             "quantization": {"dataset": "tiny/calib/dataset.txt", "dtype": "w8a8"}},
+        ],
+    }
+
+
+def make_tiny_model(path: Path, seed: int) -> None:
+    """Conv(3->8, 3x3, pad 1) -> AveragePool(2x2, stride 2) on a 1x3x16x16 input."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weights = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["c"], ["y"], name="pool", kernel_shape=[2, 2], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def make_tiny_assets(directory: Path) -> None:
+    import numpy as np
+
+    calib = directory / "calib"
+    calib.mkdir(parents=True)
+    make_tiny_model(directory / "tiny.onnx", seed=0)
+    make_tiny_model(directory / "tiny_int8.onnx", seed=1)
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        np.save(calib / f"sample_{index}.npy", rng.uniform(0, 1, size=(1, 3, 16, 16)).astype(np.float32))
+    (calib / "dataset.txt").write_text("sample_0.npy\nsample_1.npy\n")
+
+
+def resave_with_doc_string(path: Path, text: str) -> None:
+    """Change a model's bytes but not its graph (what an exporter's re-run often does)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    model.doc_string = text
+    onnx.save(model, str(path))
+
+
+def pairs_of(manifest: dict) -> list[tuple[dict, str]]:
+    return [(model, target) for model in manifest["models"] for target in model["targets"]]
+
+
+def scaled_manifest(manifest: dict, count: int) -> dict:
+    """``count`` model x target pairs: the manifest's pairs again and again under new names."""
+    base = pairs_of(manifest)
+    models = []
+    for index in range(count):
+        model, target = base[index % len(base)]
+        clone = copy.deepcopy(model)
+        clone["name"] = f"{model['name']}-{index:04d}"
+        clone["targets"] = [target]
+        models.append(clone)
+    return {**manifest, "models": models}
+
+
+def parallel_manifest() -> dict:
+    """The tiny float model converted for four targets: four independent conversions."""
+    manifest = tiny_manifest()
+    model = manifest["models"][0]
+    model["targets"] = list(PARALLEL_TARGETS)
+    return {**manifest, "models": [model]}
+
+
+def changed_source(manifest: dict, ws: Path) -> tuple[str, list[str]]:
+    """The smallest source in ``ws`` used by exactly one model x target, and that pair."""
+    users: dict[str, list[str]] = {}
+    for model, target in pairs_of(manifest):
+        users.setdefault(model["source"], []).append(f"{model['name']}@{target}")
+    unique = [source for source, names in users.items() if len(names) == 1]
+    source = min(unique, key=lambda s: ((ws / s).stat().st_size, s))
+    return source, users[source]
+
+
+# -- the peers: a hand-written loop and the toolkit's rknn_convert ---------------------------
+
+
+HAND_LOOP = '''"""A user's convert.py: every model, one after another, in one process."""
+import json
+import sys
+from pathlib import Path
+
+from rknn.api import RKNN
+
+jobs = json.loads(Path(sys.argv[1]).read_text())
+out = Path(sys.argv[2])
+
+
+def check(job, step, ret):
+    if ret != 0:
+        sys.exit(f"{job['name']}@{job['target']}: {step} returned {ret}")
+
+
+for job in jobs:
+    rknn = RKNN(verbose=True)
+    check(job, "config", rknn.config(**job["config"]))
+    check(job, "load_onnx", rknn.load_onnx(model=job["source"], **job["load_onnx"]))
+    check(job, "build", rknn.build(**job["build"]))
+    path = out / job["target"] / (job["name"] + ".rknn")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check(job, "export_rknn", rknn.export_rknn(str(path)))
+    rknn.release()
+'''
+
+
+@dataclass
+class Peers:
+    """Inputs for the peers, prepared once from a pipeline build (op_target names, rewritten models)."""
+
+    directory: Path
+    jobs: list[dict] = field(default_factory=list)
+    without_op_target: list[str] = field(default_factory=list)  # pairs whose op_target rknn_convert cannot take
+
+
+def prepare_peers(scratch: Scratch, built: Path, manifest: dict) -> Peers:
+    """Jobs with exactly the pipeline's toolkit arguments, as a user would have written them by hand.
+
+    ``op_target`` and rewritten models come from the pipeline's build in ``built``:
+    a hand-written script would carry the same dict and the same edited ONNX file.
+    """
+    from pipeline.conversion import toolkit_arguments
+    from pipeline.manifest import load_manifest
+
+    peers = Peers(scratch.workspace("peers", manifest))
+    (peers.directory / "convert.py").write_text(HAND_LOOP)
+    (peers.directory / "inputs").mkdir()
+    loaded = load_manifest(peers.directory / "models.yaml")
+    for model in loaded.models:
+        for target in model["targets"]:
+            name = model["name"]
+            record = json.loads((built / "build" / name / target / "convert.json").read_text())
+            source = model["source"]
+            if record.get("converted_onnx") and Path(record["converted_onnx"]).name == "rewritten.onnx":
+                source = str(peers.directory / "inputs" / f"{name}@{target}.onnx")
+                shutil.copy(record["converted_onnx"], source)
+            args = toolkit_arguments(model, target, source)
+            if record.get("op_target"):
+                args["config"]["op_target"] = record["op_target"]
+            peers.jobs.append({"name": name, "target": target, **args})
+    (peers.directory / "jobs.json").write_text(json.dumps(peers.jobs, indent=2))
+    write_rknn_convert_configs(peers)
+    return peers
+
+
+def write_rknn_convert_configs(peers: Peers) -> None:
+    """One model_config.yml per job, in the format rknn.api.rknn_convert's convert_model() reads."""
+    for job in peers.jobs:
+        directory = peers.directory / "rknn_convert" / f"{job['name']}@{job['target']}"
+        directory.mkdir(parents=True)
+        configs = {k: v for k, v in job["config"].items() if k not in ("target_platform", "op_target")}
+        configs.setdefault("mean_values", None)
+        configs.setdefault("std_values", None)
+        model = {"name": job["name"], "platform": "onnx", "model_file_path": job["source"],
+                 "quantize": bool(job["build"].get("do_quantization")), "configs": configs}
+        if job["build"].get("dataset"):
+            model["dataset"] = job["build"]["dataset"]
+        load = job["load_onnx"]
+        subgraphs = {}
+        if load.get("inputs"):
+            subgraphs["inputs"] = load["inputs"]
+            subgraphs["input_size_list"] = [",".join(str(d) for d in shape) for shape in load["input_size_list"]]
+        if load.get("outputs"):
+            subgraphs["outputs"] = load["outputs"]
+        if subgraphs:
+            model["subgraphs"] = subgraphs
+        (directory / "model_config.yml").write_text(yaml.safe_dump({"models": model}, sort_keys=False))
+        if job["config"].get("op_target"):
+            peers.without_op_target.append(f"{job['name']}@{job['target']}")
+
+
+def run_hand_loop(scratch: Scratch, peers: Peers, run: int) -> float:
+    out = peers.directory / f"out-hand-{run}"
+    seconds, _ = scratch.run([sys.executable, "convert.py", "jobs.json", str(out)], peers.directory, "hand-loop")
+    missing = [job for job in peers.jobs if not (out / job["target"] / f"{job['name']}.rknn").exists()]
+    if missing:
+        raise BenchmarkError(f"the hand-written loop produced no model for {missing[0]['name']} "
+                             "(rerun with --keep to read its log)")
+    return seconds
+
+
+def run_rknn_convert(scratch: Scratch, peers: Peers, run: int) -> float:
+    """``python -m rknn.api.rknn_convert`` once per model x target (its YAML holds one model)."""
+    total = 0.0
+    for job in peers.jobs:
+        directory = peers.directory / "rknn_convert" / f"{job['name']}@{job['target']}"
+        out = directory / f"out-{run}"
+        cmd = [sys.executable, "-m", "rknn.api.rknn_convert", "-t", job["target"], "-i", "model_config.yml",
+               "-o", str(out), "-v"]
+        seconds, _ = scratch.run(cmd, directory, "rknn-convert")
+        if not (out / f"{job['name']}.rknn").exists():  # it reports failures on stdout with exit code 0
+            raise BenchmarkError(f"rknn_convert produced no model for {job['name']}@{job['target']} "
+                                 "(rerun with --keep to read its log)")
+        total += seconds
+    return total
+
+
+def seed_cache(cache_dir: Path, ws: Path) -> None:
+    """Store a finished build's conversions in a cache, exactly as convert_with_cache() would have."""
+    from pipeline import cache, files, stages
+    from pipeline.layout import Layout
+    from pipeline.manifest import load_manifest
+
+    manifest = load_manifest(ws / "models.yaml")
+    layout = Layout(manifest.directory)
+    store = cache.LocalStore(cache_dir)
+    for model in manifest.models:
+        for target in model["targets"]:
+            name = model["name"]
+            workdir = layout.workdir(name, target)
+            resolved = files.read_json(layout.resolved(name, target))
+            key = cache.cache_key(stages.cache_document(manifest, model, target, resolved))
+            store.put(key, {f: workdir / f for f in stages.CACHED_FILES}, meta={"model": name, "target": target})
+
+
+# -- peak RSS of conversion workers -----------------------------------------------------------
+
+
+def rss_wrapper(scratch: Scratch, log: Path) -> Path:
+    """An interpreter for RKNN_PIPELINE_WORKER_PYTHON that appends each worker's peak RSS (kB) to ``log``."""
+    path = scratch.path("rss-python")
+    if os.access(GNU_TIME, os.X_OK):
+        path.write_text(f"#!/bin/sh\nexec {GNU_TIME} -a -o {shlex.quote(str(log))} -f %M "
+                        f"{shlex.quote(sys.executable)} \"$@\"\n")
+    else:
+        path.write_text(f"#!{sys.executable}\n"
+                        "import resource, subprocess, sys\n"
+                        f"code = subprocess.call([{sys.executable!r}, *sys.argv[1:]])\n"
+                        f"with open({str(log)!r}, 'a') as handle:\n"
+                        "    handle.write(f'{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\\n')\n"
+                        "sys.exit(code)\n")
+    path.chmod(0o755)
+    return path
+
+
+def read_rss_mib(log: Path) -> list[float]:
+    if not log.exists():
+        return []
+    return [int(line) / 1024 for line in log.read_text().split() if line.isdigit()]
+
+
+# -- the large model ----------------------------------------------------------------------------
+
+
+def make_large_model(directory: Path, layers: int, dim: int) -> tuple[Path, int]:
+    """MatMul/Relu chain whose weights (layers x dim x dim float32) live in one external file.
+
+    Weights are streamed to the file and referenced by offset, so generating the
+    model never holds more than one layer in memory. Returns (model path, weight bytes).
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    directory.mkdir(parents=True)
+    blob_name = "weights.bin"
+    rng = np.random.default_rng(0)
+    initializers, nodes, offset = [], [], 0
+    previous = "x"
+    with open(directory / blob_name, "wb") as blob:
+        for index in range(layers):
+            weight = rng.standard_normal((dim, dim), dtype=np.float32)
+            weight.tofile(blob)
+            tensor = TensorProto(name=f"w{index}", data_type=TensorProto.FLOAT, dims=[dim, dim],
+                                 data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", blob_name), ("offset", offset), ("length", weight.nbytes)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            initializers.append(tensor)
+            offset += weight.nbytes
+            out = f"h{index}"
+            nodes.append(helper.make_node("MatMul", [previous, tensor.name], [out], name=f"matmul{index}"))
+            previous = out
+            if index < layers - 1:
+                nodes.append(helper.make_node("Relu", [out], [f"r{index}"], name=f"relu{index}"))
+                previous = f"r{index}"
+    graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, dim])],
+                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, [1, dim])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = directory / "large.onnx"
+    onnx.save(model, str(path))
+    return path, offset
+
+
+# Peak RSS of the snippet's own process. ru_maxrss is not used on Linux: exec carries the
+# parent's high-water mark into the child's (subprocess uses vfork), so a child started by a
+# big parent would report the parent's peak. VmHWM belongs to the process's own memory map.
+PEAK_RSS = """
+import resource
+def peak_kb():
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+
+ANALYZE_SNIPPET = PEAK_RSS + """
+import json, sys, time
+import onnx
+from pipeline.analysis import analyze
+from pipeline.placement_rules import Rules
+rules = Rules.load()
+before = peak_kb()
+started = time.perf_counter()
+doc = analyze({"name": "large", "source": sys.argv[1]}, sys.argv[2], rules)
+seconds = time.perf_counter() - started
+print(json.dumps({"seconds": seconds, "before_kb": before, "peak_kb": peak_kb(), "nodes": doc["node_count"]}))
+"""
+
+ONNX_LOAD_SNIPPET = PEAK_RSS + """
+import json, sys, time
+import onnx
+started = time.perf_counter()
+model = onnx.load(sys.argv[1])
+seconds = time.perf_counter() - started
+print(json.dumps({"seconds": seconds, "peak_kb": peak_kb()}))
+"""
+
+IMPORT_SNIPPET = """
+import json, time
+started = time.perf_counter()
+from rknn.api import RKNN
+print(json.dumps({"seconds": time.perf_counter() - started}))
+"""
+
+LOAD_MANIFEST_SNIPPET = """
+import json, sys, time
+from pipeline.manifest import load_manifest
+started = time.perf_counter()
+manifest = load_manifest(sys.argv[1])
+seconds = time.perf_counter() - started
+print(json.dumps({"seconds": seconds, "pairs": sum(len(m["targets"]) for m in manifest.models)}))
+"""
+
+
+def floor_dodo(pairs: int) -> str:
+    """A dodo.py with 4 chained trivial tasks per pair (file_dep + targets), doit's own floor."""
+    return f'''import shutil
+
+DOIT_CONFIG = {{"backend": "sqlite3", "dep_file": ".doit.db", "verbosity": 2}}
+STAGES = ("a", "b", "c", "d")
+
+
+def task_step():
+    for pair in range({pairs}):
+        previous = f"src/{{pair}}.txt"
+        for stage in STAGES:
+            target = f"out/{{stage}}/{{pair}}.txt"
+            yield {{"name": f"{{stage}}{{pair}}", "actions": [(shutil.copyfile, [previous, target])],
+                   "file_dep": [previous], "targets": [target]}}
+            previous = target
+'''
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+
+
+class Benchmark:
+    def __init__(self, scratch: Scratch, config: Config):
+        self.scratch = scratch
+        self.config = config
+        self.rows: list[Row] = []
+        self.notes: dict[str, list[str]] = {section: [] for section in SECTIONS}
+        self.manifest = tiny_manifest() if config.tiny else example_manifest()
+        self.cold: list[float] = []
+        self.hand: list[float] = []
+        self.cache_dir = scratch.root / "cache"
+
+    def add(self, section: str, measurement: str, unit: str, samples: list[float]) -> None:
+        self.rows.append(Row(section, measurement, unit, list(samples)))
+
+    def note(self, section: str, text: str) -> None:
+        self.notes[section].append(text)
+
+    def with_cache(self) -> dict:
+        return dict(self.scratch.env, **{CACHE_ENV: str(self.cache_dir)})
+
+    def run(self) -> None:
+        built = self.timed(self.cold_build)
+        self.timed(self.noop_rebuild, built)
+        self.timed(self.one_changed, built)
+        for figure in (self.parallel, self.cache_restore, self.scale, self.large_model):
+            self.timed(figure)
+
+    @staticmethod
+    def timed(figure, *args):
+        started = time.perf_counter()
+        result = figure(*args)
+        progress(f"{figure.__name__} took {time.perf_counter() - started:.0f} s")
+        return result
+
+    # 1 -------------------------------------------------------------------------------------------
+    def cold_build(self) -> Path:
+        section = SECTIONS[0]
+        count = len(pairs_of(self.manifest))
+        built = None
+        for run in range(self.config.repeat):
+            progress(f"{section}: run {run + 1}/{self.config.repeat}")
+            ws = self.scratch.workspace("cold", self.manifest)
+            seconds, output = self.scratch.doit(ws)
+            if len(converted(output)) != count:
+                raise BenchmarkError(f"a cold build converted {converted(output)}, expected {count} pairs")
+            self.cold.append(seconds)
+            built = ws
+            if run == 0:  # untimed: inputs for the peers and for section 5, before section 3 edits a source
+                self.peers = prepare_peers(self.scratch, ws, self.manifest)
+                seed_cache(self.cache_dir, ws)
+            self.hand.append(run_hand_loop(self.scratch, self.peers, run))
+        imports = [self.scratch.python(IMPORT_SNIPPET, cwd=self.scratch.root)["seconds"]
+                   for _ in range(self.config.repeat)]
+        names = ", ".join(f"{m['name']}@{t}" for m, t in pairs_of(self.manifest))
+        self.add(section, f"pipeline: `doit` in a fresh workspace, {count} model x target", "s", self.cold)
+        self.add(section, "hand-written loop: one process, same toolkit arguments", "s", self.hand)
+        self.add(section, "ratio pipeline / hand loop (goal <= 1.10)", "x", ratios(self.cold, self.hand))
+        self.add(section, "toolkit import in a fresh process (pipeline: once per conversion; loop: once)", "s",
+                 imports)
+        origin = "generated" if self.config.tiny else "from models.yaml; its other entries are left out for time"
+        self.note(section, f"Models: {names} ({origin}), without `verify` (the peers do no accuracy check). "
+                           "The hand loop gets its `config`/`load_onnx`/`build` arguments from "
+                           "`pipeline.conversion.toolkit_arguments`, plus the `op_target` dict and rewritten ONNX "
+                           "file the pipeline resolved, and runs `RKNN(verbose=True)` -> config -> load_onnx -> "
+                           "build -> export_rknn for each model in one Python process, its output in a log file "
+                           "like the pipeline's `convert.log`. The pipeline's time includes analysis, resolution, "
+                           "one worker process (and toolkit import) per conversion, export, lock and report.")
+        gap = statistics.median(self.cold) - statistics.median(self.hand)
+        self.note(section, f"Importing the toolkit {count - 1} more times accounts for about "
+                           f"{(count - 1) * statistics.median(imports):.0f} s of the {gap:.0f} s difference.")
+        return built
+
+    # 2 -------------------------------------------------------------------------------------------
+    def noop_rebuild(self, built: Path) -> None:
+        section = SECTIONS[1]
+        noop = []
+        for _ in range(self.config.repeat):
+            seconds, output = self.scratch.doit(built)
+            if converted(output):
+                raise BenchmarkError(f"a no-op build converted {converted(output)}")
+            noop.append(seconds)
+        convert_runs = []
+        for run in range(self.config.repeat):
+            progress(f"{section}: rknn_convert run {run + 1}/{self.config.repeat}")
+            convert_runs.append(run_rknn_convert(self.scratch, self.peers, run))
+        self.add(section, "pipeline: second `doit`, nothing to do", "s", noop)
+        self.add(section, "hand-written loop, rebuilds everything (runs of section 1)", "s", self.hand)
+        self.add(section, "`python -m rknn.api.rknn_convert`, one process per model", "s", convert_runs)
+        self.add(section, "ratio hand loop / pipeline no-op", "x", ratios(self.hand, noop))
+        self.add(section, "ratio rknn_convert / pipeline no-op", "x", ratios(convert_runs, noop))
+        text = ("rknn_convert gets a `model_config.yml` per model (the `models:` mapping its `convert_model()` "
+                "reads: `platform`, `model_file_path`, `quantize`, `dataset`, `configs`, `subgraphs`) with the "
+                "same mean/std, dtype, inputs and sizes, and `-v` for the same verbose logging.")
+        if self.peers.without_op_target:
+            text += (f" Its YAML has no `op_target`, so {', '.join(self.peers.without_op_target)} converts "
+                     "without the NPU override (same graph and toolkit steps).")
+        self.note(section, text)
+
+    # 3 -------------------------------------------------------------------------------------------
+    def one_changed(self, built: Path) -> None:
+        section = SECTIONS[2]
+        source, expected = changed_source(self.manifest, built)
+        changed = []
+        for run in range(self.config.repeat):
+            resave_with_doc_string(built / source, f"benchmark edit {run}")
+            seconds, output = self.scratch.doit(built)
+            if sorted(converted(output)) != sorted(expected):
+                raise BenchmarkError(f"after editing {source} doit converted {converted(output)}, "
+                                     f"expected {expected}")
+            changed.append(seconds)
+        count = len(pairs_of(self.manifest))
+        self.add(section, f"pipeline: `doit` after re-saving one source ({len(expected)} of {count} rebuilt)",
+                 "s", changed)
+        self.add(section, "ratio one-changed `doit` / hand loop rebuilding all (section 1)", "x",
+                 ratios(changed, self.hand))
+        self.note(section, f"`{Path(source).name}` is re-saved with a new `doc_string` (new bytes, same graph); "
+                           f"doit reruns analyze/resolve/convert/export of {', '.join(expected)} only, then lock "
+                           "and report.")
+
+    # 4 -------------------------------------------------------------------------------------------
+    def parallel(self) -> None:
+        section = SECTIONS[3]
+        manifest = parallel_manifest()
+        model = manifest["models"][0]
+        timings: dict[str, list[float]] = {"serial": [], "parallel": []}
+        rss: list[float] = []
+        modes = {"serial": ["-n", "1"], "parallel": ["-n", "2", "-P", "process"]}
+        for run in range(self.config.repeat):
+            for mode, args in modes.items():
+                progress(f"{section}: {mode} run {run + 1}/{self.config.repeat}")
+                log = self.scratch.path(f"rss-{mode}.txt")
+                env = dict(self.scratch.env, **{WORKER_ENV: str(rss_wrapper(self.scratch, log))})
+                ws = self.scratch.workspace(f"parallel-{mode}", manifest)
+                seconds, output = self.scratch.doit(ws, *args, env=env)
+                if len(converted(output)) != len(PARALLEL_TARGETS):
+                    raise BenchmarkError(f"the parallel build converted {converted(output)}")
+                timings[mode].append(seconds)
+                rss += read_rss_mib(log)
+        pairs = f"{model['name']} @ {', '.join(PARALLEL_TARGETS)}"
+        self.add(section, f"`doit -n 1`, {len(PARALLEL_TARGETS)} conversions", "s", timings["serial"])
+        self.add(section, "`doit -n 2 -P process`", "s", timings["parallel"])
+        self.add(section, "speed-up -n 1 / -n 2", "x", ratios(timings["serial"], timings["parallel"]))
+        if rss:
+            self.add(section, "peak RSS per conversion worker (each worker of both modes is a sample)", "MiB", rss)
+        how = "GNU time's %M" if os.access(GNU_TIME, os.X_OK) else "getrusage(RUSAGE_CHILDREN).ru_maxrss"
+        self.note(section, f"Conversions: {pairs} (the generated Conv+AveragePool 1x3x16x16 model, float16, "
+                           "chosen to keep the benchmark short), each workspace fresh. Peak RSS comes from "
+                           f"{how}, recorded by a wrapper given as {WORKER_ENV}; two workers at once need about "
+                           "twice that. Both cores are shared with other work, so the speed-up is bounded by 2 "
+                           "and is lower whenever the machine is busy.")
+
+    # 5 -------------------------------------------------------------------------------------------
+    def cache_restore(self) -> None:
+        section = SECTIONS[4]
+        count = len(pairs_of(self.manifest))
+        warm = []
+        for run in range(self.config.repeat):
+            ws = self.scratch.workspace("cache-warm", self.manifest)
+            seconds, output = self.scratch.doit(ws, env=self.with_cache())
+            if cache_hits(output) != count:
+                raise BenchmarkError(f"a warm-cache build restored {cache_hits(output)} of {count} conversions")
+            warm.append(seconds)
+        self.add(section, f"fresh workspace, warm {CACHE_ENV} (all {count} restored)", "s", warm)
+        self.add(section, "ratio warm cache / cold build (section 1)", "x", ratios(warm, self.cold))
+        self.note(section, "The cache is filled with the outputs of section 1's first build, under the keys "
+                           "the pipeline computes (`pipeline.stages.cache_document`), to spare one more cold "
+                           "build; a warm build that does not restore every conversion fails the benchmark. "
+                           "A warm build still analyses and resolves every model (no toolkit), then restores "
+                           "model.rknn, convert.json, placement.json and convert.log after re-hashing them.")
+
+    # 6 -------------------------------------------------------------------------------------------
+    def scale(self) -> None:
+        section = SECTIONS[5]
+        growth: dict[str, dict[int, float]] = {"load_manifest": {}, "doit list": {}, "doit floor": {}}
+        noop_notes = []
+        for count in self.config.scales:
+            progress(f"{section}: {count} pairs")
+            manifest = scaled_manifest(self.manifest, count)
+            ws = self.scratch.workspace(f"scale-{count}", manifest)
+            self.scratch.python(LOAD_MANIFEST_SNIPPET, "models.yaml", cwd=ws)  # fills the graph-facts memo
+            loads, lists, floors = [], [], []
+            for _ in range(self.config.repeat):
+                loads.append(self.scratch.python(LOAD_MANIFEST_SNIPPET, "models.yaml", cwd=ws)["seconds"])
+                lists.append(self.scratch.doit(ws, "list", "--all")[0])
+            floor = self.scratch.path(f"floor-{count}")
+            for sub in ("src", "out/a", "out/b", "out/c", "out/d"):
+                (floor / sub).mkdir(parents=True)
+            for pair in range(count):
+                (floor / "src" / f"{pair}.txt").write_text(f"{pair}\n")
+            (floor / "dodo.py").write_text(floor_dodo(count))
+            self.scratch.doit(floor)
+            for _ in range(self.config.repeat):
+                floors.append(self.scratch.doit(floor)[0])
+            self.add(section, f"load_manifest, {count} pairs", "s", loads)
+            self.add(section, f"`doit list --all`, {count} pairs ({4 * count + 2} tasks generated)", "s", lists)
+            self.add(section, f"doit floor: no-op `doit`, {4 * count} trivial up-to-date tasks", "s", floors)
+            growth["load_manifest"][count] = statistics.median(loads)
+            growth["doit list"][count] = statistics.median(lists)
+            growth["doit floor"][count] = statistics.median(floors)
+            if count in self.config.noop_scales:
+                noop_notes.append(self.scale_noop(section, ws, count))
+        self.note(section, "Synthetic manifests repeat the benchmark's model x target pairs under new names. "
+                           "load_manifest is timed inside a fresh Python process (imports excluded, on-disk "
+                           "graph-facts memo warm, as on every run after the first); `doit list --all` and the "
+                           "no-op `doit` are whole processes (start-up, imports, manifest, task generation, "
+                           "dependency checks). The floor dodo has 4 chained copy tasks per pair with file_dep "
+                           "and targets and the same sqlite3 backend, built once before timing.")
+        if len(self.config.scales) > 1:
+            low, high = self.config.scales[0], self.config.scales[-1]
+            parts = [f"{name} x{values[high] / values[low]:.1f}" for name, values in growth.items()]
+            self.note(section, f"From {low} to {high} pairs (x{high / low:.0f}): {', '.join(parts)}.")
+        for text in noop_notes:
+            self.note(section, text)
+
+    def scale_noop(self, section: str, ws: Path, count: int) -> str:
+        """A real build of ``count`` pairs (conversions from the cache), then no-op runs; returns the note."""
+        seconds, output = self.scratch.doit(ws, env=self.with_cache())
+        self.add(section, f"real build of {count} pairs, conversions restored from the cache", "s", [seconds])
+        noop = [self.scratch.doit(ws, env=self.with_cache())[0] for _ in range(self.config.repeat)]
+        self.add(section, f"no-op `doit` after that build, {count} pairs ({4 * count + 2} tasks)", "s", noop)
+        return (f"The no-op `doit` is measured at {count} pairs only: a real build is needed first. It ran every "
+                f"analyze/resolve/export task and restored {cache_hits(output)} of {count} conversions from the "
+                f"section 5 cache (the key holds no model name), converting "
+                f"{len(converted(output)) - cache_hits(output)}.")
+
+    # 7 -------------------------------------------------------------------------------------------
+    def large_model(self) -> None:
+        section = SECTIONS[6]
+        progress(f"{section}: generating the model")
+        directory = self.scratch.path("large")
+        path, size = make_large_model(directory, self.config.large_layers, self.config.large_dim)
+        runs = [self.scratch.python(ANALYZE_SNIPPET, str(path), "rk3588", cwd=directory)
+                for _ in range(self.config.repeat)]
+        loads = [self.scratch.python(ONNX_LOAD_SNIPPET, str(path), cwd=directory) for _ in range(self.config.repeat)]
+        weights = f"{size / 1e6:.0f} MB ({size / 2**20:.0f} MiB) of external weights"
+        self.add(section, f"`analyze()`, {weights}, {runs[0]['nodes']} nodes", "s", [r["seconds"] for r in runs])
+        self.add(section, "peak RSS of the analysing process", "MiB", [r["peak_kb"] / 1024 for r in runs])
+        self.add(section, "same process before analyze() (Python, onnx, pipeline imported)", "MiB",
+                 [r["before_kb"] / 1024 for r in runs])
+        self.add(section, "reference: peak RSS of `onnx.load()` with the weights", "MiB",
+                 [r["peak_kb"] / 1024 for r in loads])
+        self.note(section, f"{self.config.large_layers} MatMul layers ({self.config.large_dim} x "
+                           f"{self.config.large_dim} float32 each, with Relu between) in one external-data file; "
+                           "`analyze()` runs in its own process; peaks are that process's VmHWM.")
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for dist in ("rknn-toolkit2", "onnx", "onnxruntime", "doit"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    versions["python"] = platform.python_version()
+    return {"cpu": cpu, "cores": os.cpu_count(), "versions": versions}
+
+
+def render_document(bench: Benchmark, table: str, seconds: float) -> str:
+    info = machine()
+    versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items())
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `uv run python benchmarks/run.py` (do not edit by hand; rerun it). Each figure is the "
+        f"median of {bench.config.repeat} runs with min and max; ratios are taken run by run. Wall times come "
+        "from `time.perf_counter` around whole `python -m doit` (or peer) processes.",
+        "",
+        f"- Machine: {info['cpu']}, {info['cores']} cores (shared with other work while measuring: "
+        "expect noise of several percent)",
+        f"- Versions: {versions}",
+        f"- Date: {datetime.date.today().isoformat()}; the whole benchmark took {seconds / 60:.1f} min",
+        "",
+        table,
+        "",
+        "## What each section measures",
+        "",
+    ]
+    for section in SECTIONS:
+        if bench.notes[section]:
+            lines.append(f"- **{section}**: " + " ".join(bench.notes[section]))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="fast smoke configuration; never writes the docs")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (default 3; --tiny uses 1)")
+    parser.add_argument("--out", type=Path, help=f"write the markdown here (default without --tiny: "
+                                                 f"{DOCS_OUT.relative_to(REPO)})")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory and print its path")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    config = tiny_config() if args.tiny else full_config(args.repeat)
+    out = args.out or (None if args.tiny else DOCS_OUT)
+
+    started = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="rknn-pipeline-bench-"))
+    # manifest.py memoises ONNX graph facts under XDG_CACHE_HOME: keep them in the scratch tree,
+    # for this process (prepare_peers, seed_cache) and every subprocess
+    os.environ["XDG_CACHE_HOME"] = str(root / "xdg-cache")
+    try:
+        scratch = Scratch(root)
+        make_tiny_assets(root / "assets" / "tiny")
+        bench = Benchmark(scratch, config)
+        bench.run()
+    except BenchmarkError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            progress(f"scratch directory kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    table = render_table(bench.rows)
+    print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render_document(bench, table, time.perf_counter() - started))
+        progress(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
