@@ -15,12 +15,15 @@ step succeeded: the worker writes a ``.partial`` name that is renamed last.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import files
@@ -124,8 +127,54 @@ def worker_python() -> str:
     return os.environ.get("RKNN_PIPELINE_WORKER_PYTHON") or sys.executable
 
 
+class _Standby:
+    """At most one pre-started worker per process, already past the toolkit's import.
+
+    A worker is started per conversion (isolation: the toolkit keeps global
+    state and may crash), but its ~4 s import need not be waited for: while
+    one conversion runs, the next worker imports on the other core. An unused
+    standby gets EOF on stdin at exit, or dies with its parent.
+    """
+
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def spawn(cls, build_dir: Path) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        return subprocess.Popen([worker_python(), "-m", "pipeline.worker", "--standby", str(build_dir)],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+    @classmethod
+    def take(cls, build_dir: Path) -> subprocess.Popen:
+        """A live standby worker (the pre-started one if still alive), and start the next."""
+        proc, cls.proc = cls.proc, None
+        if proc is None or proc.poll() is not None or proc.args[-1] != str(build_dir):
+            cls.release(proc)
+            proc = cls.spawn(build_dir)
+        if os.environ.get("RKNN_PIPELINE_PREWARM", "1") != "0":
+            cls.proc = cls.spawn(build_dir)
+        return proc
+
+    @staticmethod
+    def release(proc: subprocess.Popen | None) -> None:
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.stdin.close()  # EOF: exit without a job
+            except OSError:
+                pass
+
+    @classmethod
+    def release_current(cls) -> None:
+        cls.release(cls.proc)
+        cls.proc = None
+
+
+atexit.register(_Standby.release_current)
+
+
 def run_worker(job: dict, log_path: Path, timeout: float) -> dict:
-    """Run :mod:`pipeline.worker` on ``job``; return its result plus ``returncode``.
+    """Run a conversion worker on ``job``; return its result plus ``returncode``.
 
     The worker gets its own session (process group) so a timeout kills the
     toolkit's helper processes too; a worker that dies without writing a
@@ -134,26 +183,57 @@ def run_worker(job: dict, log_path: Path, timeout: float) -> dict:
     workdir = Path(job["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     job_path = workdir / "job.json"
-    files.atomic_write_json(job_path, job)
+    Path(log_path).write_bytes(b"")  # a fresh log, even if the worker dies before opening it
+    files.atomic_write_json(job_path, {**job, "log_path": str(log_path)})
     result_path = Path(job["result_path"])
     result_path.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     started = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([worker_python(), "-m", "pipeline.worker", str(job_path)],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        try:
-            returncode = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            elapsed = time.monotonic() - started
-            return {"ok": False, "step": "timeout", "returncode": None, "seconds": round(elapsed, 1),
-                    "error": f"conversion timed out after {elapsed:.0f} s (timeout: {timeout:g} s); "
-                             f"raise the model's `timeout` in the manifest if the model is just big"}
-        except BaseException:
-            _kill_group(proc)  # Ctrl-C or doit stopping: never leave a toolkit running
-            raise
+    with _terminate_as_interrupt():
+        return _supervise(job, job_path, result_path, timeout, started)
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt while a worker runs.
+
+    ``doit -n N`` stops its task processes with SIGTERM on Ctrl-C; without this
+    they would die before killing their worker and removing its partial output.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _supervise(job: dict, job_path: Path, result_path: Path, timeout: float, started: float) -> dict:
+    workdir = Path(job["workdir"])
+    proc = _Standby.take(workdir.parents[2])
+    try:
+        proc.stdin.write(f"{job_path}\n".encode())
+        proc.stdin.close()
+    except OSError:  # it died already: its exit status says how
+        pass
+    try:
+        returncode = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        elapsed = time.monotonic() - started
+        return {"ok": False, "step": "timeout", "returncode": None, "seconds": round(elapsed, 1),
+                "error": f"conversion timed out after {elapsed:.0f} s (timeout: {timeout:g} s); "
+                         f"raise the model's `timeout` in the manifest if the model is just big"}
+    except BaseException:
+        _kill_group(proc)  # Ctrl-C or doit stopping: never leave a toolkit running
+        _Standby.release_current()
+        Path(job["rknn_path"]).unlink(missing_ok=True)
+        raise
     result = files.read_json(result_path)
     if result is None:
         how = (f"killed by signal {signal.Signals(-returncode).name}" if returncode < 0
@@ -200,6 +280,7 @@ def convert(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     final_rknn = workdir / "model.rknn"
     final_rknn.unlink(missing_ok=True)
+    files.remove_partials(workdir)  # left by a worker killed with its parent in an earlier run
     job = make_job(model, target, resolved, workdir)
     log_path = workdir / "convert.log"
     result = run_worker(job, log_path, float(model.get("timeout") or 1800))

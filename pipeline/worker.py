@@ -1,7 +1,8 @@
 """Conversion worker: one model x target, in its own process.
 
-Run as ``python -m pipeline.worker JOB.json``. The parent (:mod:`pipeline.conversion`)
-points this process's stdout and stderr at ``convert.log``, so the toolkit's
+Run as ``python -m pipeline.worker --standby BUILD_DIR`` (the job path then
+arrives on stdin) or ``python -m pipeline.worker JOB.json``. The worker points
+its stdout and stderr at the job's ``convert.log``, so the toolkit's
 C++ output (including the layer table, which ``verbose_file=`` does not capture)
 lands in the log with everything else. A crash, a hang or a kill of this
 process cannot corrupt the parent's state, and the toolkit's global state dies
@@ -162,8 +163,40 @@ def run(job: dict) -> dict:
     return result
 
 
+def _take_job_from_stdin() -> str | None:
+    """Standby mode: import the toolkit now, then wait for a job path on stdin.
+
+    The parent starts the next worker while the current conversion runs, so
+    the toolkit's import (about 4 s, mostly torch) overlaps work instead of
+    adding to it. Until a job arrives the output goes nowhere; then fds 1 and 2
+    are pointed at the job's convert.log, as for a worker started per job.
+    EOF without a job (the build ended) exits quietly.
+    """
+    import rknn.api  # noqa: F401  (the point of standing by)
+
+    line = sys.stdin.readline().strip()
+    return line or None
+
+
+def _log_to(path: str) -> None:
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+
+
 def main(argv: list[str]) -> int:
-    job = json.loads(Path(argv[0]).read_text())
+    if argv and argv[0] == "--standby":
+        job_path = _take_job_from_stdin()
+        if job_path is None:
+            return 0
+    else:
+        job_path = argv[0]
+    job = json.loads(Path(job_path).read_text())
+    if job.get("log_path"):
+        _log_to(job["log_path"])
     result = run(job)
     tmp = Path(job["result_path"] + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))

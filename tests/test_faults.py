@@ -42,6 +42,14 @@ def _project(root: Path, timeout: int = 600) -> Project:
     return project
 
 
+def _slow_project(root: Path) -> Project:
+    """alpha is a model that takes several seconds to build, so a signal lands mid-conversion."""
+    project = _project(root)
+    project.write_manifest(MANIFEST.format(timeout=600).replace(
+        "source: alpha.onnx", "source: examples/models/light_inception_v2.onnx\n    inputs: {data_0: [1, 3, 224, 224]}"))
+    return project
+
+
 def _fake_worker(project: Project, body: str) -> None:
     script = project.root / "fake-worker.sh"
     script.write_text("#!/bin/sh\n" + body + "\n")
@@ -90,11 +98,11 @@ def test_a_hanging_worker_is_killed_at_its_timeout(tmp_path):
 
 @pytest.mark.toolkit
 def test_sigkill_of_a_real_conversion_worker_mid_build(tmp_path):
-    project = _project(tmp_path)
+    project = _slow_project(tmp_path)
     doit = subprocess.Popen([sys.executable, "-m", "doit", "convert:alpha@rk3588"], cwd=project.root,
                             env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     worker = _wait_for_worker(project.root)
-    time.sleep(3)  # let the toolkit get going
+    time.sleep(2)  # let the toolkit get going
     os.kill(worker, signal.SIGKILL)
     out, _ = doit.communicate(timeout=120)
     assert doit.returncode != 0
@@ -106,12 +114,12 @@ def test_sigkill_of_a_real_conversion_worker_mid_build(tmp_path):
 
 @pytest.mark.toolkit
 def test_sigint_of_a_parallel_build_leaves_nothing_half_written(tmp_path):
-    project = _project(tmp_path)
+    project = _slow_project(tmp_path)
     doit = subprocess.Popen([sys.executable, "-m", "doit", "-n", "2", "-P", "process"], cwd=project.root,
                             env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     _wait_for_worker(project.root)
-    time.sleep(2)
+    time.sleep(1)
     os.killpg(doit.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
     doit.communicate(timeout=120)
     assert doit.returncode != 0
@@ -156,7 +164,9 @@ def test_a_full_disk_during_export_leaves_no_partial_file(tmp_path):
     assert "export:alpha@rk3588" in Project.ran(project.doit("export:alpha@rk3588"))
 
 
-def _workers(root: Path) -> list[int]:
+def _workers(root: Path, active: bool = False) -> list[int]:
+    """Conversion workers of this project; ``active``: only those writing a convert.log
+    (a pre-started standby worker has not been given a job yet)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -166,14 +176,19 @@ def _workers(root: Path) -> list[int]:
         except OSError:
             continue
         if b"pipeline.worker" in cmdline and any(str(root).encode() in part for part in cmdline):
-            found.append(int(entry.name))
+            try:
+                log = os.readlink(entry / "fd" / "1")
+            except OSError:
+                continue
+            if not active or log.endswith("convert.log"):
+                found.append(int(entry.name))
     return found
 
 
 def _wait_for_worker(root: Path, limit: float = 120) -> int:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        workers = _workers(root)
+        workers = _workers(root, active=True)
         if workers:
             return workers[0]
         time.sleep(0.1)
