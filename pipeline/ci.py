@@ -15,6 +15,7 @@ from pathlib import Path
 
 def manifest_key(manifest_path: str | Path) -> str:
     from pipeline.cache import cache_key, file_sha256
+    from pipeline.conversion import sample_files
     from pipeline.manifest import load_manifest
     from pipeline.tasks import PIPELINE_FORMAT
     from pipeline.toolkit import installed_version
@@ -23,8 +24,7 @@ def manifest_key(manifest_path: str | Path) -> str:
     models = []
     for model in manifest.models:
         quant = model.get("quantization") or {}
-        inputs = [model["source"], *([quant["dataset"]] if quant.get("dataset") else []),
-                  *(p for line in quant.get("samples") or [] for p in line.split())]
+        inputs = [model["source"], *([quant["dataset"]] if quant.get("dataset") else []), *sample_files(model)]
         settings = {k: v for k, v in model.items() if k not in ("source", "index", "quantization")}
         settings["quantization"] = {k: v for k, v in quant.items() if k not in ("dataset", "samples")}
         models.append({"settings": settings, "inputs": [file_sha256(p) for p in inputs]})

@@ -92,6 +92,20 @@ def portable(value, base: Path):
     return value
 
 
+def recorded_arguments(model: dict, target: str, base: Path) -> dict:
+    """The toolkit arguments as keys and records hold them: no source path, paths relative to ``base``
+    (an absolute, resolved directory)."""
+    args = portable(toolkit_arguments(model, target, ""), Path(base))
+    del args["source"]
+    return args
+
+
+def sample_files(model: dict) -> list[str]:
+    """Every calibration sample file of a model (a dataset line may name one per input)."""
+    quant = model.get("quantization") or {}
+    return [path for line in quant.get("samples") or [] for path in line.split()]
+
+
 def make_job(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
     """The worker's job document (plain JSON)."""
     onnx_path = resolved.get("converted_onnx") or model["source"]

@@ -47,6 +47,7 @@ def _rel(manifest, path: str | Path | None) -> str | None:
 def input_hashes(manifest, model: dict, resolved: dict) -> dict:
     """sha256 of every file that went into a conversion (the provenance the sidecar records)."""
     from pipeline.cache import file_sha256
+    from pipeline.conversion import sample_files
 
     quant = model.get("quantization") or {}
     doc = {"source": {"path": _rel(manifest, model["source"]), "sha256": file_sha256(model["source"])},
@@ -55,7 +56,7 @@ def input_hashes(manifest, model: dict, resolved: dict) -> dict:
         doc["converted_onnx"] = {"path": _rel(manifest, resolved["converted_onnx"]),
                                  "sha256": file_sha256(resolved["converted_onnx"])}
     if quant.get("dataset"):
-        samples = [p for line in quant.get("samples") or [] for p in line.split()]
+        samples = sample_files(model)
         doc["dataset"] = {"path": _rel(manifest, quant["dataset"]), "sha256": file_sha256(quant["dataset"]),
                           "samples": [{"path": _rel(manifest, p), "sha256": file_sha256(p)} for p in samples]}
     return doc
@@ -63,11 +64,10 @@ def input_hashes(manifest, model: dict, resolved: dict) -> dict:
 
 def cache_document(manifest, model: dict, target: str, resolved: dict) -> dict:
     """Everything that determines a conversion's outputs, and nothing else (no paths, no times)."""
-    from pipeline.conversion import portable, toolkit_arguments
+    from pipeline.conversion import recorded_arguments
     from pipeline.tasks import PIPELINE_FORMAT
 
-    args = portable(toolkit_arguments(model, target, ""), Path(manifest.directory).resolve())
-    del args["source"]
+    args = recorded_arguments(model, target, Path(manifest.directory).resolve())
     hashes = input_hashes(manifest, model, resolved)
     strip = lambda item: item and {k: v for k, v in item.items() if k != "path"}  # noqa: E731
     dataset = hashes["dataset"]

@@ -123,11 +123,11 @@ def _sid(model: dict, target: str) -> str:
 
 
 def _samples(model: dict) -> list[str]:
+    """The dataset list and every sample: a changed sample reruns the conversion."""
+    from pipeline.conversion import sample_files
+
     quant = model.get("quantization") or {}
-    paths = [quant["dataset"]] if quant.get("dataset") else []
-    for line in quant.get("samples") or []:
-        paths += line.split()
-    return paths
+    return ([quant["dataset"]] if quant.get("dataset") else []) + sample_files(model)
 
 
 # -- keys: only the manifest fields each task uses ---------------------------
@@ -146,11 +146,10 @@ def resolve_key(model: dict, target: str) -> dict:
 
 
 def convert_key(model: dict, target: str, base: Path) -> dict:
-    from pipeline.conversion import portable, toolkit_arguments
+    from pipeline.conversion import recorded_arguments
     from pipeline.toolkit import installed_version
 
-    args = portable(toolkit_arguments(model, target, ""), base)
-    del args["source"]
+    args = recorded_arguments(model, target, base)
     quant = model.get("quantization") or {}
     return {"format": PIPELINE_FORMAT, "toolkit": installed_version(), "arguments": args,
             "hybrid": quant.get("hybrid"), "verify": model.get("verify")}
