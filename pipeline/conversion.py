@@ -16,7 +16,6 @@ step succeeded: the worker writes a ``.partial`` name that is renamed last.
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import signal
 import subprocess
@@ -361,11 +360,3 @@ def failure_message(record: dict, log_path: Path) -> str:
               if item.get("level") == "error"]
     lines.append(f"  full log: {log_path}")
     return "\n".join(lines)
-
-
-def load_record(workdir: Path) -> dict | None:
-    return files.read_json(Path(workdir) / "convert.json")
-
-
-def dumps(record: dict) -> str:
-    return json.dumps(record, indent=2, sort_keys=True)
