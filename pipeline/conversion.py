@@ -200,9 +200,7 @@ def run_worker(job: dict, log_path: Path, timeout: float) -> dict:
     files.atomic_write_json(job_path, {**job, "log_path": str(log_path)})
     result_path = Path(job["result_path"])
     result_path.unlink(missing_ok=True)
-    started = time.monotonic()
-    with _terminate_as_interrupt():
-        return _supervise(job, job_path, result_path, timeout, started)
+    return _supervise(job, job_path, result_path, timeout, time.monotonic())
 
 
 @contextmanager
@@ -226,6 +224,20 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _shielded():
+    """Ignore SIGINT and SIGTERM while cleaning up after one (a second Ctrl-C must not cut it short)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _supervise(job: dict, job_path: Path, result_path: Path, timeout: float, started: float) -> dict:
     workdir = Path(job["workdir"])
     proc = _Standby.take(workdir.parents[2])
@@ -243,9 +255,9 @@ def _supervise(job: dict, job_path: Path, result_path: Path, timeout: float, sta
                 "error": f"conversion timed out after {elapsed:.0f} s (timeout: {timeout:g} s); "
                          f"raise the model's `timeout` in the manifest if the model is just big"}
     except BaseException:
-        _kill_group(proc)  # Ctrl-C or doit stopping: never leave a toolkit running
-        _Standby.release_current()
-        Path(job["rknn_path"]).unlink(missing_ok=True)
+        with _shielded():  # Ctrl-C or doit stopping: never leave a toolkit running
+            _kill_group(proc)
+            _Standby.release_current()
         raise
     result = files.read_json(result_path)
     if result is None:
@@ -287,14 +299,27 @@ def convert(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
     Raises :class:`ConversionFailed` (after writing convert.json with the failure)
     when the toolkit did not produce a model.
     """
-    from pipeline import diagnostics
-
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     final_rknn = workdir / "model.rknn"
     final_rknn.unlink(missing_ok=True)
     files.remove_partials(workdir)  # left by a worker killed with its parent in an earlier run
     job = make_job(model, target, resolved, workdir)
+    partial = Path(job["rknn_path"])
+    with _terminate_as_interrupt():
+        try:
+            return _run_and_record(model, target, job, workdir, final_rknn)
+        except BaseException:
+            # Interrupted or failed anywhere, even after the worker finished: no partial model stays.
+            with _shielded():
+                partial.unlink(missing_ok=True)
+            raise
+
+
+def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rknn: Path) -> dict:
+    """Run the worker, then turn its result and log into convert.json (and model.rknn, last)."""
+    from pipeline import diagnostics
+
     log_path = workdir / "convert.log"
     result = run_worker(job, log_path, float(model.get("timeout") or 1800))
     log_text = log_path.read_text(errors="replace")
