@@ -121,7 +121,7 @@ def test_verify_records_accuracy_per_output(built):
 def test_rknn_status_reports_everything_up_to_date(built):
     project, _, _ = built
     proc = project.doit("rknn-status")
-    assert "7 of 7 up to date" in proc.stdout
+    assert "8 of 8 up to date" in proc.stdout
 
 
 def test_lock_entries_are_reproducible_from_a_clean_tree(built, tmp_path):
