@@ -257,6 +257,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "placement": record.get("placement"),
         "predicted_vs_actual": predicted_vs_actual(analysis, layers, resolved),
         "verify": record.get("verify"),
+        "shapes": _shapes(model),
         "convert_seconds": record.get("seconds"),
         "cache": record.get("cache"),
         "diagnostics": [d for d in record.get("diagnostics") or [] if not d.get("benign")],
@@ -273,6 +274,17 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     lines = [f"export {name}@{target}  dist/{target}/{name}.rknn  {_size(sidecar['rknn']['size'])}"]
     lines += [f"  warning: {w}" for w in warnings]
     return lines
+
+
+def _shapes(model: dict) -> dict | None:
+    """Which shape set a bucket was built for, or every set of a dynamic model (None: one static shape)."""
+    from pipeline.shapes import dynamic_input
+
+    if model.get("bucket"):
+        return {"mode": "buckets", "model": model["bucket"]["model"], "inputs": model["bucket"]["inputs"]}
+    if dynamic_input(model):
+        return {"mode": "dynamic", "sets": model["shape_sets"]}
+    return None
 
 
 def _size(size: int) -> str:
