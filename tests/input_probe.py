@@ -57,7 +57,7 @@ DYNAMIC_CASES = {
     "64 shape sets": ([1, 3, 48, "W"], [[1, 3, 48, 16 * (i + 1)] for i in range(64)], [1, 3, 48, 1024], None),
     "a dim static in the model varies": ([1, 3, 48, "W"], [[1, 3, 48, 160], [1, 3, 96, 160]],
                                          [1, 3, 96, 160], None),
-    "with input_size_list": ([1, 3, 48, "W"], _W, [1, 3, 48, 640], [[1, 3, 48, 640]]),
+    "calibrated at the largest, with input_size_list": ([1, 3, 48, "W"], _W, [1, 3, 48, 640], [[1, 3, 48, 640]]),
 }
 
 
