@@ -654,6 +654,10 @@ class _Checker:
         sets = model["shape_sets"]
         if len(sets) > 1 and len({tuple(map(tuple, s.values())) for s in sets}) < len(sets):
             self.report.add_model(model, "inputs", message="two shape sets are the same: list each once")
+        if len(sets) > 1 and isinstance(model["options"], dict) and "dynamic_input" in model["options"]:
+            message = ("options.dynamic_input and a list of shapes in inputs: say it once; with shapes: dynamic "
+                       "the pipeline writes dynamic_input from inputs (and checks it)")
+            self.report.add_model(model, "options", "dynamic_input", message=message)
 
     def declared(self, model: dict, key: str) -> bool:
         """Whether ``key`` is written for this model (or its defaults), not just a schema default."""

@@ -336,6 +336,9 @@ def test_shape_problems_are_reported_at_load(recogniser):
     assert problems(static_dim) == ["models.yaml:6:36: shape [1, 3, 96, 160] changes dim 2, which the model fixes "
                                     "at 48: the toolkit refuses it in dynamic_input (only dims dynamic in the ONNX "
                                     "model may vary)"]
+    twice = manifest(recogniser, WIDTHS + "shapes: dynamic\noptions: { dynamic_input: [[[1, 3, 48, 160]]] }\n",
+                     source="rec.onnx")
+    assert problems(twice)[0].startswith("models.yaml:8:31: options.dynamic_input and a list of shapes in inputs")
     reordered = manifest(recogniser, "inputs: { scale: [[1, 4], [1, 4]], image: [[1, 3, 32, 32], [1, 3, 64, 64]] }\n"
                          "shapes: dynamic\n")
     assert "list every model input in the model's order (image, scale)" in problems(reordered)[0]
