@@ -838,6 +838,7 @@ class Benchmark:
         workers: dict[str, list[float]] = {"buckets": [], "dynamic": []}
         cosines: dict[str, list[float]] = {}
         sizes: dict[str, list[float]] = {}
+        cpu_layers: dict[str, list[float]] = {"buckets": [], "dynamic": []}
         for run in range(self.config.repeat):
             progress(f"{section}: run {run + 1}/{self.config.repeat}")
             ws = self.scratch.workspace("shapes", manifest)
@@ -853,11 +854,13 @@ class Benchmark:
                 sidecar = json.loads((ws / "dist" / "rk3588" / f"{name}.json").read_text())
                 cosines.setdefault(f"buckets, width {width}", []).append(sidecar["verify"]["outputs"][0]["cosine"])
                 sizes.setdefault(f"bucket {name}.rknn", []).append(sidecar["rknn"]["size"] / 1000)
+                cpu_layers["buckets"].append(sidecar["placement"]["cpu"])
             dynamic = json.loads((ws / "dist" / "rk3588" / "rec_dynamic.json").read_text())
             for per_shape in dynamic["verify"]["shapes"]:
                 label = f"dynamic, width {per_shape['inputs']['x'][3]}"
                 cosines.setdefault(label, []).append(per_shape["outputs"][0]["cosine"])
             sizes.setdefault("dynamic rec_dynamic.rknn", []).append(dynamic["rknn"]["size"] / 1000)
+            cpu_layers["dynamic"].append(dynamic["placement"]["cpu"])
         self.add(section, f"buckets: `doit` for {len(buckets)} static models (one per width)", "s", walls["buckets"])
         self.add(section, "dynamic: `doit` for one model with dynamic_input", "s", walls["dynamic"])
         self.add(section, "ratio buckets / dynamic, whole `doit` run", "x", ratios(walls["buckets"], walls["dynamic"]))
@@ -869,6 +872,8 @@ class Benchmark:
             self.add(section, f"simulator cosine vs onnxruntime, {label}", "cos", values)
         for label, values in sizes.items():
             self.add(section, f"size of {label}", "KB", values)
+        self.add(section, "layers on the CPU, each bucket (the toolkit's layer table)", "layers", cpu_layers["buckets"])
+        self.add(section, "layers on the CPU, the dynamic model", "layers", cpu_layers["dynamic"])
         self.add(section, "size of the buckets together", "KB",
                  [sum(values[run] for label, values in sizes.items() if label.startswith("bucket "))
                   for run in range(self.config.repeat)])
@@ -879,9 +884,8 @@ class Benchmark:
                            "through `dynamic_input`). Times are whole `doit export:...` runs (analysis, one "
                            "worker process and toolkit import per conversion, verify at each width, export) and "
                            "the conversion workers' own times from convert.json. Cosine is the first output's, "
-                           "over the verify samples (the buckets' calibration images; for the dynamic model the "
-                           "images at the largest width, seeded random inputs at the others, since the toolkit "
-                           "calibrates it at its largest shape).")
+                           "over the verify samples: the two calibration images, resized to each width (for the "
+                           "dynamic model too, although the toolkit calibrates it at the largest width only).")
 
 
 # -- report --------------------------------------------------------------------------------------

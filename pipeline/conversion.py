@@ -119,8 +119,9 @@ def dataset_file(model: dict) -> str | None:
 def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibration=None) -> dict:
     """The worker's job document (plain JSON).
 
-    ``calibration`` is ``(dataset file, rows)`` as :func:`pipeline.calibration.write_dataset`
-    laid them out: the toolkit and verify read those, not the manifest's paths.
+    ``calibration`` is ``{"dataset", "rows", "verify_rows"}``: the dataset file and rows
+    :func:`pipeline.calibration.write_dataset` laid out (the toolkit and verify read those, not
+    the manifest's paths), and for a dynamic model the rows that fit each shape set.
     """
     from pipeline.shapes import dynamic_input
 
@@ -129,7 +130,7 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
     quant = model.get("quantization") or {}
     samples = quant.get("samples") or []
     if calibration is not None:
-        args["build"]["dataset"], samples = str(calibration[0]), calibration[1]
+        args["build"]["dataset"], samples = str(calibration["dataset"]), calibration["rows"]
     return {
         "model": model["name"],
         "target": target,
@@ -144,6 +145,7 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
         "verify": model.get("verify"),
         "verify_source": model["source"],
         "verify_shapes": model.get("shape_sets") if dynamic_input(model) else None,
+        "verify_rows": (calibration or {}).get("verify_rows"),
         "samples": samples,
         "workdir": str(workdir / "work"),
         "rknn_path": str(workdir / ("model.rknn" + files.PARTIAL_SUFFIX)),

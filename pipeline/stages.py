@@ -135,10 +135,15 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
             return verdict_line(record, time.monotonic() - started, True), detail_lines(record)
     calibration = None
     if (model.get("quantization") or {}).get("samples"):
-        from pipeline.calibration import write_dataset
+        from pipeline.calibration import rows_per_shape, write_dataset
+        from pipeline.shapes import dynamic_input
 
         listing = layout.calibration_list(name, target)
-        calibration = listing, write_dataset(model["quantization"], layout.calibration_dir(name, target), listing)
+        calibration = {"dataset": listing, "verify_rows": None,
+                       "rows": write_dataset(model["quantization"], layout.calibration_dir(name, target), listing)}
+        if dynamic_input(model):
+            calibration["verify_rows"] = rows_per_shape(model["quantization"], model["shape_sets"],
+                                                        layout.verify_samples_dir(name, target))
     try:
         record = conversion.convert(model, target, resolved, workdir, calibration)
     except conversion.ConversionFailed as exc:

@@ -132,8 +132,9 @@ def verify_model(session, job: dict) -> dict:
 def verify_all_shapes(session, job: dict) -> dict:
     """:func:`verify_model` at every shape set of a dynamic model (``job["verify_shapes"]``), else once.
 
-    The calibration samples have the largest set (the toolkit's rule), so
-    they feed that set; the other sets get seeded random inputs. The record
+    Each set is fed the calibration steps that fit it (``job["verify_rows"]``:
+    images decoded at its shapes, ``.npy`` samples of its shapes), else seeded
+    random inputs. The record
     keeps each set's result under ``shapes`` and, per output, the worst
     cosine over all sets under ``outputs``; it passes when every set passes.
     """
@@ -144,10 +145,11 @@ def verify_all_shapes(session, job: dict) -> dict:
         return verify_model(session, job)
     biggest = largest(sets)
     per_shape = []
-    for shape_set in sets:
+    fitting = job.get("verify_rows") or [None] * len(sets)
+    for shape_set, rows in zip(sets, fitting):
         load = {**(job.get("load_onnx") or {}), "inputs": list(shape_set),
                 "input_size_list": [list(shape) for shape in shape_set.values()]}
-        samples = job.get("samples") if shape_set == biggest else []
+        samples = rows if rows is not None else (job.get("samples") if shape_set == biggest else [])
         per_shape.append({"inputs": shape_set, **verify_model(session, {**job, "load_onnx": load, "samples": samples})})
     worst = {}
     for result in per_shape:

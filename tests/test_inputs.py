@@ -405,6 +405,7 @@ def test_a_recogniser_builds_as_buckets_and_as_one_dynamic_model_verified_at_eac
     per_width = dynamic["verify"]["shapes"]
     assert [s["inputs"]["x"][3] for s in per_width] == [160, 320, 640]
     assert all(s["passed"] and s["outputs"][0]["cosine"] >= 0.98 for s in per_width)
+    assert all(s["input_source"] == "dataset" for s in per_width)  # the images, decoded at each width
     assert [s["outputs"][0]["shape"] for s in per_width] == [[1, 10, 1, w // 4] for w in (160, 320, 640)]
     lock = json.loads((tmp_path / "dist" / "models.lock.json").read_text())["entries"]
     assert sorted(lock) == ["rk3588/rec.1x3x48x160", "rk3588/rec.1x3x48x320", "rk3588/rec.1x3x48x640",
