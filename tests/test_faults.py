@@ -165,8 +165,8 @@ def test_a_full_disk_during_export_leaves_no_partial_file(tmp_path):
 
 
 def _workers(root: Path, active: bool = False) -> list[int]:
-    """Conversion workers of this project; ``active``: only those writing a convert.log
-    (a pre-started standby worker has not been given a job yet)."""
+    """Conversion workers and zygotes of this project (their command line names its build directory);
+    ``active``: only those writing a convert.log (a zygote, or a pre-started standby worker, has no job)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -175,7 +175,7 @@ def _workers(root: Path, active: bool = False) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"pipeline.worker" in cmdline and any(str(root).encode() in part for part in cmdline):
+        if {b"pipeline.worker", b"pipeline.zygote"} & set(cmdline) and any(str(root).encode() in part for part in cmdline):
             try:
                 log = os.readlink(entry / "fd" / "1")
             except OSError:
