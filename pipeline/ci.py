@@ -15,7 +15,7 @@ from pathlib import Path
 
 def manifest_key(manifest_path: str | Path) -> str:
     from pipeline.cache import cache_key, file_sha256
-    from pipeline.conversion import sample_files
+    from pipeline.conversion import dataset_file, sample_files
     from pipeline.manifest import load_manifest
     from pipeline.tasks import PIPELINE_FORMAT
     from pipeline.toolkit import installed_version
@@ -24,9 +24,10 @@ def manifest_key(manifest_path: str | Path) -> str:
     models = []
     for model in manifest.models:
         quant = model.get("quantization") or {}
-        inputs = [model["source"], *([quant["dataset"]] if quant.get("dataset") else []), *sample_files(model)]
+        listing = dataset_file(model)
+        inputs = [model["source"], *([listing] if listing else []), *sample_files(model)]
         settings = {k: v for k, v in model.items() if k not in ("source", "index", "quantization")}
-        settings["quantization"] = {k: v for k, v in quant.items() if k not in ("dataset", "samples")}
+        settings["quantization"] = {k: v for k, v in quant.items() if k not in ("dataset", "samples", "images")}
         models.append({"settings": settings, "inputs": [file_sha256(p) for p in inputs]})
     return "rknn-" + cache_key({"pipeline_format": PIPELINE_FORMAT, "toolkit": installed_version(), "models": models})
 

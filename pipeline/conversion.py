@@ -101,16 +101,29 @@ def recorded_arguments(model: dict, target: str, base: Path) -> dict:
 
 
 def sample_files(model: dict) -> list[str]:
-    """Every calibration sample file of a model (a dataset line may name one per input)."""
+    """Every calibration sample file of a model (a calibration step names one per input)."""
     quant = model.get("quantization") or {}
-    return [path for line in quant.get("samples") or [] for path in line.split()]
+    return [path for row in quant.get("samples") or [] for path in row]
 
 
-def make_job(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
-    """The worker's job document (plain JSON)."""
+def dataset_file(model: dict) -> str | None:
+    """The manifest's dataset file, when the samples are given as one (not as a mapping by input)."""
+    dataset = (model.get("quantization") or {}).get("dataset")
+    return dataset if isinstance(dataset, str) else None
+
+
+def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibration=None) -> dict:
+    """The worker's job document (plain JSON).
+
+    ``calibration`` is ``(dataset file, rows)`` as :func:`pipeline.calibration.write_dataset`
+    laid them out: the toolkit and verify read those, not the manifest's paths.
+    """
     onnx_path = resolved.get("converted_onnx") or model["source"]
     args = toolkit_arguments(model, target, onnx_path)
     quant = model.get("quantization") or {}
+    samples = quant.get("samples") or []
+    if calibration is not None:
+        args["build"]["dataset"], samples = str(calibration[0]), calibration[1]
     return {
         "model": model["name"],
         "target": target,
@@ -124,7 +137,7 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
                             for key, item in (resolved.get("explanations") or {}).items()},
         "verify": model.get("verify"),
         "verify_source": model["source"],
-        "samples": quant.get("samples") or [],
+        "samples": samples,
         "workdir": str(workdir / "work"),
         "rknn_path": str(workdir / ("model.rknn" + files.PARTIAL_SUFFIX)),
         "result_path": str(workdir / "worker-result.json"),
@@ -435,7 +448,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def convert(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
+def convert(model: dict, target: str, resolved: dict, workdir: Path, calibration=None) -> dict:
     """Run one conversion and leave its outputs in ``workdir``; return the ``convert.json`` record.
 
     Raises :class:`ConversionFailed` (after writing convert.json with the failure)
@@ -446,7 +459,7 @@ def convert(model: dict, target: str, resolved: dict, workdir: Path) -> dict:
     final_rknn = workdir / "model.rknn"
     final_rknn.unlink(missing_ok=True)
     files.remove_partials(workdir)  # left by a worker killed with its parent in an earlier run
-    job = make_job(model, target, resolved, workdir)
+    job = make_job(model, target, resolved, workdir, calibration)
     partial = Path(job["rknn_path"])
     with _terminate_as_interrupt():
         try:

@@ -44,6 +44,14 @@ class Layout:
     def placement(self, name: str, target: str) -> Path:
         return self.workdir(name, target) / "placement.json"
 
+    def calibration_dir(self, name: str, target: str) -> Path:
+        """The calibration samples as the toolkit reads them: links (or decoded images), no space in a name."""
+        return self.workdir(name, target) / "calibration"
+
+    def calibration_list(self, name: str, target: str) -> Path:
+        """The toolkit's dataset file, written by the pipeline (paths relative to it)."""
+        return self.calibration_dir(name, target) / "dataset.txt"
+
     def log(self, name: str, target: str) -> Path:
         return self.workdir(name, target) / "convert.log"
 

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from . import inputs as input_facts
 from . import platforms
 from .yaml_source import YamlDocument, YamlError, load_yaml
 
-SAMPLE_TYPES = (".npy", ".jpg", ".jpeg", ".png", ".bmp")
+SAMPLE_TYPES = input_facts.SAMPLE_TYPES
 
 # Op types accepted without loading ONNX's operator registry.
 _COMMON_OPS = frozenset(
@@ -518,8 +519,21 @@ def _effective_quantization(quant, directory: Path):
     quant = {"dataset": None, **_schema_defaults("quantization"), "hybrid": None, **quant}
     if isinstance(quant["dataset"], str):
         quant["dataset"] = _absolute(directory, quant["dataset"])
+    elif isinstance(quant["dataset"], dict):
+        quant["dataset"] = {name: _effective_samples(entry, directory) for name, entry in quant["dataset"].items()}
     quant["samples"] = None
+    quant["images"] = None
     return quant
+
+
+def _effective_samples(entry, directory: Path):
+    """One input's entry of a dataset mapping as ``{"samples": [absolute paths], "layout", "colour"}``."""
+    if isinstance(entry, list):
+        entry = {"samples": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("samples"), list):
+        return entry  # the schema reports it
+    samples = [_absolute(directory, item) if isinstance(item, str) else item for item in entry["samples"]]
+    return {"layout": None, "colour": "rgb", **entry, "samples": samples}
 
 
 # -- checks beyond the schema ------------------------------------------------------
@@ -529,6 +543,7 @@ class _Graph(NamedTuple):
     inputs: dict  # real input name -> rank (None if unknown)
     tensors: frozenset
     ops: frozenset
+    input_types: dict  # real input name -> [ONNX element type, dims (None for a dynamic dim) or None]
 
 
 class _Checker:
@@ -572,10 +587,11 @@ class _Checker:
             self.check_platforms(model)
         if self.clean(model, "overrides"):
             self.check_op_types(model, graph)
+        infos = self.input_infos(model, graph) if graph is not None and self.clean(model, "inputs") else None
         if self.clean(model, "mean_values", "std_values"):
-            self.check_normalisation(model)
+            self.check_normalisation(model, infos)
         if model["quantization"] and self.clean(model, "quantization"):
-            self.check_quantization(model, graph)
+            self.check_quantization(model, infos)
         if graph is not None and self.clean(model, "inputs", "outputs", "quantization", "mean_values", "std_values"):
             self.check_tensor_names(model, graph)
 
@@ -601,8 +617,25 @@ class _Checker:
                 message = f"unknown op_type {op_type!r}{_did_you_mean(op_type, known)}"
                 self.report.add_model(model, "overrides", index, "match", "op_type", message=message)
 
-    def check_normalisation(self, model: dict) -> None:
+    def input_infos(self, model: dict, graph: _Graph) -> list[input_facts.InputInfo] | None:
+        """The inputs the toolkit compiles, in its order (``inputs:`` keys, else the graph's); None if unknown."""
+        declared = model["inputs"] or {}
+        if declared and any(_input_problem(name, shape, graph) for name, shape in declared.items()):
+            return None  # reported by check_tensor_names
+        infos = []
+        for name in declared or graph.inputs:
+            elem_type, dims = graph.input_types.get(name, [None, None])
+            shape = declared.get(name) or dims
+            if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
+                return None  # a dynamic input without a declared shape: analysis refuses it
+            infos.append(input_facts.InputInfo(name, (tuple(shape),), input_facts.ONNX_DTYPES.get(elem_type)))
+        return infos
+
+    def check_normalisation(self, model: dict, infos: list | None) -> None:
         means, stds = model["mean_values"], model["std_values"]
+        if isinstance(means, dict) or isinstance(stds, dict):
+            self.normalisation_by_name(model, infos)
+            return
         if not means or not stds:
             return
         if len(means) != len(stds):
@@ -613,6 +646,40 @@ class _Checker:
             if len(mean) != len(std):
                 message = f"std_values has {len(std)} channels here but mean_values has {len(mean)}"
                 self.report.add_model(model, "std_values", index, message=message)
+        if infos is not None and len(means) == len(infos):
+            for key, values in (("mean_values", means), ("std_values", stds)):
+                for index, (row, info) in enumerate(zip(values, infos)):
+                    problem = input_facts.normalisation_problem(row, info, key)
+                    if problem:
+                        self.report.add_model(model, key, index, message=problem)
+
+    def normalisation_by_name(self, model: dict, infos: list | None) -> None:
+        """``mean_values``/``std_values`` as mappings by input name: checked, then turned into the
+        toolkit's per-input lists (an input left out gets mean 0 / std 1 on each channel)."""
+        if infos is None:
+            return  # the order is unknown without the graph; check_files=False loads do not convert
+        by_name = {info.name: info for info in infos}
+        rows = {}
+        for key, neutral in (("mean_values", 0), ("std_values", 1)):
+            values = model[key]
+            if values is None:
+                continue
+            if isinstance(values, list):
+                message = f"{key} is a list but the other one is a mapping by input name: give both the same way"
+                self.report.add_model(model, key, message=message)
+                return
+            for name, row in values.items():
+                if name not in by_name:
+                    message = (f"{key} names {name!r}, which is not an input of the model"
+                               f"{_did_you_mean(name, by_name)} (inputs: {', '.join(by_name)})")
+                    self.report.add_model(model, key, name, message=message, key=True)
+                    continue
+                problem = input_facts.normalisation_problem(row, by_name[name], key)
+                if problem:
+                    self.report.add_model(model, key, name, message=problem)
+            rows[key] = [list(values.get(info.name) or [neutral] * input_facts.channel_count(info.shape))
+                         for info in infos]
+        model.update(rows)
 
     def check_source(self, model: dict) -> _Graph | None:
         raw = _raw_value(self.data, model, ("source",))
@@ -625,25 +692,86 @@ class _Checker:
         self.report.add_model(model, "source", message=f"source {raw!r} {problem}")
         return None
 
-    def check_quantization(self, model: dict, graph: _Graph | None) -> None:
-        if model["quantization"]["dataset"] is None:
+    def check_quantization(self, model: dict, infos: list | None) -> None:
+        dataset = model["quantization"]["dataset"]
+        if dataset is None:
             message = "quantization needs a dataset: (in the model or in defaults)"
             self.report.add_model(model, "quantization", message=message)
-        elif self.check_files:
-            self.check_dataset(model, _input_count(model, graph) if self.clean(model, "inputs") else None)
+        elif not self.check_files:
+            return
+        elif isinstance(dataset, dict):
+            self.check_dataset_mapping(model, infos)
+        else:
+            self.check_dataset_file(model, infos)
 
-    def check_dataset(self, model: dict, inputs: int | None) -> None:
+    def check_dataset_file(self, model: dict, infos: list | None) -> None:
+        """The single-file form: one line per step, one path per input in the model's input order."""
         quant = model["quantization"]
         raw = _raw_value(self.data, model, ("quantization", "dataset"))
         if quant["dataset"] not in self.datasets:
             self.datasets[quant["dataset"]] = _read_dataset(quant["dataset"])
-        samples, problems = self.datasets[quant["dataset"]]
-        quant["samples"] = list(samples)
-        widths = {len(sample.split(" ")) for sample in samples}
-        if inputs is not None and len(widths) == 1 and widths != {inputs}:
-            problems = [*problems, f"has {widths.pop()} path(s) per line but the model has {inputs} inputs"]
+        rows, problems = self.datasets[quant["dataset"]]
+        quant["samples"] = [list(paths) for _, paths in rows]
+        widths = {len(paths) for _, paths in rows}
+        if infos is not None and len(widths) == 1 and widths != {len(infos)}:
+            problems = [*problems, f"has {widths.pop()} path(s) per line but the model has {len(infos)} inputs"]
+        elif infos is not None and not problems:
+            problems = _row_problems(rows, infos)
         for problem in problems:
             self.report.add_model(model, "quantization", "dataset", message=f"dataset {raw!r} {problem}")
+
+    def check_dataset_mapping(self, model: dict, infos: list | None) -> None:
+        """The mapping form: input name -> samples (one per calibration step), checked sample by sample."""
+        quant = model["quantization"]
+        where = ("quantization", "dataset")
+        mapping = quant["dataset"]
+        found = True
+        for name, entry in mapping.items():
+            for index, path in enumerate(entry["samples"]):
+                problem = _file_problem(path) or (None if path.lower().endswith(SAMPLE_TYPES)
+                                                  else f"is not one of {', '.join(SAMPLE_TYPES)}")
+                if problem:
+                    path_in_manifest = self.sample_path(model, name, index)
+                    raw = _raw_value(self.data, model, path_in_manifest)
+                    self.report.add_model(model, *path_in_manifest, message=f"sample {raw!r} {problem}")
+                    found = False
+        counts = {name: len(entry["samples"]) for name, entry in mapping.items()}
+        if len(set(counts.values())) > 1:
+            listing = ", ".join(f"{name}: {count}" for name, count in counts.items())
+            message = f"every input needs the same number of samples (one per calibration step); got {listing}"
+            self.report.add_model(model, *where, message=message)
+            found = False
+        if infos is None:
+            return
+        by_name = {info.name: info for info in infos}
+        for name in mapping:
+            if name not in by_name:
+                message = (f"dataset names {name!r}, which is not an input of the model"
+                           f"{_did_you_mean(name, by_name)} (inputs: {', '.join(by_name)})")
+                self.report.add_model(model, *where, name, message=message, key=True)
+                found = False
+        missing = [info.name for info in infos if info.name not in mapping]
+        if missing:
+            message = f"dataset has no samples for input(s) {', '.join(map(repr, missing))}: give samples for every input"
+            self.report.add_model(model, *where, message=message)
+            found = False
+        if not found:
+            return
+        for name, entry in mapping.items():
+            for index, path in enumerate(entry["samples"]):
+                problem = input_facts.sample_problem(path, by_name[name], entry.get("layout"))
+                if problem:
+                    self.report.add_model(model, *self.sample_path(model, name, index),
+                                          message=f"sample {os.path.basename(path)!r} {problem}")
+        quant["samples"] = [list(row) for row in zip(*(mapping[info.name]["samples"] for info in infos))]
+        quant["images"] = [_decode_spec(mapping[info.name], info) for info in infos]
+
+    def sample_path(self, model: dict, name: str, index: int) -> tuple:
+        """The manifest path of one sample of a dataset mapping (short or long form)."""
+        entry = _raw_value(self.data, model, ("quantization", "dataset", name))
+        if isinstance(entry, dict):
+            return "quantization", "dataset", name, "samples", index
+        return "quantization", "dataset", name, index
 
     def check_tensor_names(self, model: dict, graph: _Graph) -> None:
         for name, shape in (model["inputs"] or {}).items():
@@ -671,7 +799,7 @@ class _Checker:
         count = _input_count(model, graph)
         for key in ("mean_values", "std_values"):
             values = model[key]
-            if values and len(values) != count:
+            if isinstance(values, list) and values and len(values) != count:
                 message = f"{key} has {len(values)} entries but the model has {count} inputs: give one per input"
                 self.report.add_model(model, key, message=message)
 
@@ -694,7 +822,10 @@ def _raw_value(data: dict, model: dict, path: tuple):
     """A value as written in the manifest: in the model, else in defaults."""
     for node in (data["models"][model["index"]], data.get("defaults") or {}):
         for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
+            if isinstance(node, list) and isinstance(key, int):
+                node = node[key] if key < len(node) else None
+            else:
+                node = node.get(key) if isinstance(node, dict) else None
         if node is not None:
             return node
     return None
@@ -749,7 +880,7 @@ def _read_graph(path: str, mtime_ns: int, size: int) -> _Graph | str:
     memo = _graph_memo_path(path, mtime_ns, size)
     try:
         facts = json.loads(memo.read_text())
-        return _Graph(facts["inputs"], frozenset(facts["tensors"]), frozenset(facts["ops"]))
+        return _Graph(facts["inputs"], frozenset(facts["tensors"]), frozenset(facts["ops"]), facts["input_types"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     graph = _parse_graph(path, size)
@@ -758,7 +889,7 @@ def _read_graph(path: str, mtime_ns: int, size: int) -> _Graph | str:
             memo.parent.mkdir(parents=True, exist_ok=True)
             tmp = memo.with_suffix(f".{os.getpid()}.partial")
             tmp.write_text(json.dumps({"inputs": graph.inputs, "tensors": sorted(graph.tensors),
-                                       "ops": sorted(graph.ops)}))
+                                       "ops": sorted(graph.ops), "input_types": graph.input_types}))
             os.replace(tmp, memo)
         except OSError:  # a read-only home only costs speed
             pass
@@ -789,15 +920,19 @@ def _parse_graph(path: str, size: int) -> _Graph | str:
 
 def _graph_names(graph) -> _Graph:
     weights = {init.name for init in graph.initializer}
-    inputs = {}
+    inputs, types = {}, {}
     for value in graph.input:
         if value.name not in weights:
             tensor_type = value.type.tensor_type
-            inputs[value.name] = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+            has_shape = tensor_type.HasField("shape")
+            inputs[value.name] = len(tensor_type.shape.dim) if has_shape else None
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                    for d in tensor_type.shape.dim] if has_shape else None
+            types[value.name] = [tensor_type.elem_type, dims]
     tensors = {value.name for value in graph.input} | {value.name for value in graph.output}
     for node in graph.node:
         tensors.update(node.output)
-    return _Graph(inputs, frozenset(tensors - {""}), frozenset(node.op_type for node in graph.node))
+    return _Graph(inputs, frozenset(tensors - {""}), frozenset(node.op_type for node in graph.node), types)
 
 
 @functools.lru_cache(maxsize=1)
@@ -807,8 +942,8 @@ def _onnx_op_types() -> frozenset:
     return frozenset(schema.name for schema in onnx.defs.get_all_schemas())
 
 
-def _read_dataset(path: str) -> tuple[list[str], list[str]]:
-    """(samples with absolute paths, problems) for a calibration dataset file."""
+def _read_dataset(path: str) -> tuple[list[tuple[int, list[str]]], list[str]]:
+    """(rows of (line number, absolute sample paths), problems) for a calibration dataset file."""
     problem = _file_problem(path)
     if problem:
         return [], [problem]
@@ -821,8 +956,29 @@ def _read_dataset(path: str) -> tuple[list[str], list[str]]:
     rows = [(number, line.split()) for number, line in enumerate(lines, 1) if line.strip()]
     if not rows:
         return [], ["lists no samples: give one sample path per line"]
-    samples = [" ".join(_absolute(Path(base), item) for item in items) for _, items in rows]
+    samples = [(number, [_absolute(Path(base), item) for item in items]) for number, items in rows]
     return samples, _sample_problems(base, rows)
+
+
+def _row_problems(rows: list[tuple[int, list[str]]], infos: list) -> list[str]:
+    """Each sample of a dataset file checked against its input (the first few problems)."""
+    problems = []
+    for number, paths in rows:
+        for path, info in zip(paths, infos):
+            problem = input_facts.sample_problem(path, info)
+            if problem:
+                problems.append(f"line {number}: sample {os.path.basename(path)!r} {problem}")
+    if len(problems) > 3:
+        problems = [*problems[:3], f"(and {len(problems) - 3} more samples with problems)"]
+    return problems
+
+
+def _decode_spec(entry: dict, info) -> dict | None:
+    """How the pipeline decodes images given for one input (None: the input has no image samples)."""
+    if not any(input_facts.is_image(path) for path in entry["samples"]):
+        return None
+    return {"shape": list(info.shape), "dtype": info.dtype or "float32",
+            "layout": input_facts.image_layout(info.shape, entry.get("layout")), "colour": entry.get("colour", "rgb")}
 
 
 def _sample_problems(base: str, rows: list[tuple[int, list[str]]]) -> list[str]:

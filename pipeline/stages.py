@@ -47,7 +47,7 @@ def _rel(manifest, path: str | Path | None) -> str | None:
 def input_hashes(manifest, model: dict, resolved: dict) -> dict:
     """sha256 of every file that went into a conversion (the provenance the sidecar records)."""
     from pipeline.cache import file_sha256
-    from pipeline.conversion import sample_files
+    from pipeline.conversion import dataset_file, sample_files
 
     quant = model.get("quantization") or {}
     doc = {"source": {"path": _rel(manifest, model["source"]), "sha256": file_sha256(model["source"])},
@@ -57,7 +57,8 @@ def input_hashes(manifest, model: dict, resolved: dict) -> dict:
                                  "sha256": file_sha256(resolved["converted_onnx"])}
     if quant.get("dataset"):
         samples = sample_files(model)
-        doc["dataset"] = {"path": _rel(manifest, quant["dataset"]), "sha256": file_sha256(quant["dataset"]),
+        listing = dataset_file(model)
+        doc["dataset"] = {"path": _rel(manifest, listing), "sha256": listing and file_sha256(listing),
                           "samples": [{"path": _rel(manifest, p), "sha256": file_sha256(p)} for p in samples]}
     return doc
 
@@ -143,8 +144,14 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
             files.atomic_write_json(layout.convert_record(name, target), record)
             _record_remaps(layout, name, target, resolved, record)
             return verdict_line(record, time.monotonic() - started, True), detail_lines(record)
+    calibration = None
+    if (model.get("quantization") or {}).get("samples"):
+        from pipeline.calibration import write_dataset
+
+        listing = layout.calibration_list(name, target)
+        calibration = listing, write_dataset(model["quantization"], layout.calibration_dir(name, target), listing)
     try:
-        record = conversion.convert(model, target, resolved, workdir)
+        record = conversion.convert(model, target, resolved, workdir, calibration)
     except conversion.ConversionFailed as exc:
         raise StageFailed(str(exc)) from exc
     record["cache"] = {"key": key, "hit": False}

@@ -124,10 +124,10 @@ def _sid(model: dict, target: str) -> str:
 
 def _samples(model: dict) -> list[str]:
     """The dataset list and every sample: a changed sample reruns the conversion."""
-    from pipeline.conversion import sample_files
+    from pipeline.conversion import dataset_file, sample_files
 
-    quant = model.get("quantization") or {}
-    return ([quant["dataset"]] if quant.get("dataset") else []) + sample_files(model)
+    listing = dataset_file(model)
+    return ([listing] if listing else []) + sample_files(model)
 
 
 # -- keys: only the manifest fields each task uses ---------------------------

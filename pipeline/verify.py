@@ -29,6 +29,11 @@ configured mean/std normalisation and the ONNX model does not:
 * other inputs: the same raw array on both sides, no normalisation (the toolkit
   applies mean/std to 4-D inputs only); random ones are standard normal.
 
+How many mean/std values an input has is :func:`pipeline.inputs.channel_count`
+(dim 1, whatever the rank), the rule the manifest checks at load. The dataset
+rows are the files :mod:`pipeline.calibration` laid out, the ones the toolkit
+calibrated with (images given per input arrive already decoded as ``.npy``).
+
 Random inputs of integer or bool type are 0 or 1 whatever the rank.
 
 onnxruntime always gets the dtype of the ONNX graph input.
@@ -41,6 +46,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from pipeline.inputs import channel_count
 
 DEFAULT_SAMPLES = 4
 DEFAULT_MIN_COSINE = 0.99
@@ -106,8 +113,8 @@ def verify_model(session, job: dict) -> dict:
     specs = input_specs(model, load, job.get("config") or {})
     outputs = list(load.get("outputs") or [o.name for o in model.graph.output])
     runtime = _ort_session(reference_model(model, [s.name for s in specs], outputs))
-    lines = list(job.get("samples") or [])[:count]
-    samples = (sample_inputs_from_lines(specs, lines) if lines
+    lines = [_row(line) for line in job.get("samples") or []][:count]
+    samples = (sample_inputs_from_rows(specs, lines) if lines
                else sample_inputs_random(specs, count, np.random.default_rng(seed)))
 
     expected, simulated = _run_both(session, runtime, specs, outputs, samples)
@@ -215,7 +222,7 @@ def input_specs(model, load: dict, config: dict) -> list[InputSpec]:
             raise VerifyError(f"input '{name}' has no static shape ({shape}); give the model's `inputs` shapes")
         if elem_type not in _ONNX_DTYPES:
             raise VerifyError(f"input '{name}' has ONNX element type {elem_type}, which verify cannot feed")
-        channels = shape[1] if len(shape) == 4 else 1
+        channels = channel_count(shape)
         specs.append(InputSpec(name=name, shape=shape, dtype=_ONNX_DTYPES[elem_type],
                                mean=_per_channel(config.get("mean_values"), index, channels, 0.0),
                                std=_per_channel(config.get("std_values"), index, channels, 1.0),
@@ -299,9 +306,9 @@ def _ort_session(model):
 # --- sample preparation ----------------------------------------------------------------
 
 
-def sample_inputs_from_lines(specs: list[InputSpec], lines: list[str]) -> list[list[Prepared]]:
-    """Each dataset line (one path per input, space-separated) prepared for both runtimes."""
-    return [[prepare_file(spec, path) for spec, path in zip(specs, _split_line(line, specs))] for line in lines]
+def sample_inputs_from_rows(specs: list[InputSpec], rows: list[list[str]]) -> list[list[Prepared]]:
+    """Each calibration step (one path per input, in input order) prepared for both runtimes."""
+    return [[prepare_file(spec, path) for spec, path in zip(specs, _check_row(row, specs))] for row in rows]
 
 
 def sample_inputs_random(specs: list[InputSpec], count: int, rng: np.random.Generator) -> list[list[Prepared]]:
@@ -309,11 +316,14 @@ def sample_inputs_random(specs: list[InputSpec], count: int, rng: np.random.Gene
     return [[prepare_random(spec, rng) for spec in specs] for _ in range(count)]
 
 
-def _split_line(line: str, specs: list[InputSpec]) -> list[str]:
-    """A dataset line's paths, one per input."""
-    paths = line.split()
+def _row(line) -> list[str]:
+    """A calibration step as a list of paths (a dataset-file line is split on whitespace)."""
+    return line.split() if isinstance(line, str) else list(line)
+
+
+def _check_row(paths: list[str], specs: list[InputSpec]) -> list[str]:
     if len(paths) != len(specs):
-        raise VerifyError(f"dataset line '{line}' has {len(paths)} paths for {len(specs)} inputs")
+        raise VerifyError(f"calibration step {paths} has {len(paths)} paths for {len(specs)} inputs")
     return paths
 
 

@@ -301,7 +301,8 @@ def test_valid_manifest_round_trips(workdir):
         "auto_hybrid_cos_thresh": 0.98,
         "auto_hybrid_euc_thresh": None,
         "hybrid": None,
-        "samples": [str(workdir / "calib" / "a.npy")],
+        "samples": [[str(workdir / "calib" / "a.npy")]],
+        "images": None,
     }
     assert squeeze["verify"] == {"samples": 2, "min_cosine": 0.99}
     assert squeeze["overrides"][0]["targets"] is None
@@ -343,7 +344,7 @@ def test_200_models(workdir):
     text = HEADER + "".join(entry.format(i=i) for i in range(200))
     manifest = load_manifest(write(workdir, text).name, check_files=False)
     assert [m["name"] for m in manifest.models] == [f"m{i}" for i in range(200)]
-    assert load_manifest("models.yaml").models[199]["quantization"]["samples"] == [str(workdir / "calib" / "a.npy")]
+    assert load_manifest("models.yaml").models[199]["quantization"]["samples"] == [[str(workdir / "calib" / "a.npy")]]
 
 
 def test_anchors_and_merge_keys(workdir):

@@ -1,0 +1,278 @@
+"""Model inputs: several inputs, calibration samples checked at load, and the toolkit's dataset file.
+
+The load-time checks run without the toolkit (the manifest must report every
+sample the toolkit would misread, with line and column, all at once). The
+toolkit tests build the two multi-input examples quantized in a checkout whose
+path holds spaces and non-ASCII characters, the case that used to break every
+quantized build.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import inputs, verify
+from pipeline.calibration import decode_image, write_dataset
+from pipeline.manifest import ManifestError, load_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "examples" / "models"
+JPEG = REPO / "examples" / "calib" / "sample_0.jpg"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """The two multi-input models and samples of every good and bad kind."""
+    for name in ("tiny_detector.onnx", "tiny_two_tower.onnx"):
+        shutil.copy(MODELS / name, tmp_path / name)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    saves = {
+        "image_0": np.zeros((1, 3, 32, 32), np.float32),
+        "image_1": np.ones((1, 3, 32, 32), np.uint8),
+        "image_nhwc": np.zeros((1, 32, 32, 3), np.float32),
+        "image_small": np.zeros((1, 3, 16, 16), np.float32),
+        "scale_0": np.full((1, 4), 32, np.float32),
+        "scale_1": np.full((1, 4), 64, np.float32),
+        "ids_0": np.arange(8, dtype=np.int64).reshape(1, 8),
+        "ids_float": np.zeros((1, 8), np.float32),
+        "mask_0": np.ones((1, 8), np.float32),
+    }
+    for name, array in saves.items():
+        np.save(calib / f"{name}.npy", array)
+    shutil.copy(JPEG, calib / "photo.jpg")
+    (calib / "pairs.txt").write_text("image_0.npy scale_0.npy\nimage_1.npy scale_1.npy\n")
+    (calib / "bad pairs.txt").write_text("image_small.npy scale_0.npy\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def manifest(workdir: Path, body: str, source: str = "tiny_detector.onnx") -> Path:
+    text = f"version: 1\nmodels:\n  - name: m\n    source: {source}\n    targets: [rk3588]\n"
+    path = workdir / "models.yaml"
+    path.write_text(text + textwrap.indent(textwrap.dedent(body), "    "))
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path.name)
+    return [str(problem) for problem in caught.value.problems]
+
+
+# --- the toolkit's rules, as measured -------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "count"), [((1, 4), 4), ((1, 3, 32, 32), 3), ((1, 32, 32, 3), 32),
+                                              ((1, 6, 5), 6), ((1, 2, 3, 4, 5), 2), ((5,), 1)])
+def test_channel_count_is_dim_1_whatever_the_rank(shape, count):
+    assert inputs.channel_count(shape) == count
+
+
+def test_verify_and_the_manifest_agree_on_a_2d_input():
+    """The issue's case: [1, 3, 32, 32] + [1, 4] with 3 + 4 mean values used to fail verify."""
+    import onnx
+
+    model = onnx.load(str(MODELS / "tiny_detector.onnx"))
+    config = {"mean_values": [[0, 0, 0], [0, 0, 0, 0]], "std_values": [[1, 1, 1], [1, 1, 1, 1]]}
+    specs = verify.input_specs(model, {}, config)
+    assert [spec.mean.size for spec in specs] == [3, 4]
+    info = inputs.InputInfo("scale", ((1, 4),), "float32")
+    assert inputs.normalisation_problem([0, 0, 0, 0], info, "mean_values") is None
+    assert "expects 4 (dim 1 of [1, 4])" in inputs.normalisation_problem([0], info, "mean_values")
+
+
+# --- checked at load, all at once -------------------------------------------------
+
+
+def test_a_good_mapping_is_laid_out_in_input_order(workdir):
+    path = manifest(workdir, """\
+        mean_values: { image: [0, 0, 0] }
+        std_values: { image: [255, 255, 255] }
+        quantization:
+          dataset:
+            scale: [calib/scale_0.npy, calib/scale_1.npy]
+            image: [calib/image_0.npy, calib/image_1.npy]
+        """)
+    model = load_manifest(path.name).models[0]
+    assert model["mean_values"] == [[0, 0, 0], [0, 0, 0, 0]]  # the input left out gets neutral values
+    assert model["std_values"] == [[255, 255, 255], [1, 1, 1, 1]]
+    calib = workdir / "calib"
+    assert model["quantization"]["samples"] == [[str(calib / "image_0.npy"), str(calib / "scale_0.npy")],
+                                                [str(calib / "image_1.npy"), str(calib / "scale_1.npy")]]
+    assert model["quantization"]["images"] == [None, None]
+
+
+def test_every_sample_problem_is_reported_at_its_line_and_column(workdir):
+    path = manifest(workdir, """\
+        mean_values: { image: [0, 0, 0], scale: [0], scael: [1] }
+        quantization:
+          dataset:
+            image: [calib/image_nhwc.npy, calib/image_small.npy, calib/image_0.npy]
+            scale: [calib/photo.jpg, calib/scale_0.npy, calib/scale_1.npy]
+        """)
+    found = problems(path)
+    assert found == [
+        "models.yaml:6:45: mean_values for input 'scale' has 1 value(s), but the toolkit expects 4 (dim 1 of "
+        "[1, 4]); the toolkit checks but does not apply them to non-4-D inputs",
+        "models.yaml:6:50: mean_values names 'scael', which is not an input of the model; did you mean 'scale'? "
+        "(inputs: image, scale)",
+        "models.yaml:9:17: sample 'image_nhwc.npy' has shape [1, 32, 32, 3], the NHWC form of input 'image' "
+        "[1, 3, 32, 32]: the toolkit reads .npy samples in the input's own layout (NCHW here); save it with "
+        "array.transpose(0, 3, 1, 2)",
+        "models.yaml:9:39: sample 'image_small.npy' has shape [1, 3, 16, 16] but input 'image' is [1, 3, 32, 32]",
+        "models.yaml:10:17: sample 'photo.jpg' is an image, but input 'scale' [1, 4] is not image-like "
+        "(4-D with 1 or 3 channels): give .npy samples",
+    ]
+
+
+def test_names_counts_and_dtypes(workdir):
+    path = manifest(workdir, """\
+        quantization:
+          dataset:
+            image: [calib/image_0.npy]
+            ids: [calib/ids_float.npy, calib/ids_0.npy]
+            text: [calib/nope.npy]
+        """, source="tiny_two_tower.onnx")
+    found = problems(path)
+    assert "models.yaml:8:9: dataset has no samples for input(s) 'mask': give samples for every input" in found
+    assert ("models.yaml:8:9: every input needs the same number of samples (one per calibration step); "
+            "got image: 1, ids: 2, text: 1") in found
+    assert any(p.startswith("models.yaml:10:16: sample 'calib/nope.npy' does not exist") for p in found)
+    assert any(p.startswith("models.yaml:10:9: dataset names 'text', which is not an input") for p in found)
+    assert len(found) == 4  # sample dtypes are checked once names and counts are right
+
+    path = manifest(workdir, """\
+        quantization:
+          dataset:
+            image: [calib/image_0.npy]
+            ids: [calib/ids_float.npy]
+            mask: [calib/mask_0.npy]
+        """, source="tiny_two_tower.onnx")
+    assert problems(path) == ["models.yaml:9:15: sample 'ids_float.npy' has dtype float32 but input 'ids' is "
+                              "int64: save it with .astype('int64')"]
+
+
+def test_the_dataset_file_form_is_checked_sample_by_sample(workdir):
+    path = manifest(workdir, "quantization: { dataset: calib/bad pairs.txt }\n")
+    assert problems(path) == ["models.yaml:6:30: dataset 'calib/bad pairs.txt' line 1: sample 'image_small.npy' "
+                              "has shape [1, 3, 16, 16] but input 'image' is [1, 3, 32, 32]"]
+    model = load_manifest(manifest(workdir, "quantization: { dataset: calib/pairs.txt }\n").name).models[0]
+    assert model["quantization"]["samples"][1] == [str(workdir / "calib" / "image_1.npy"),
+                                                   str(workdir / "calib" / "scale_1.npy")]
+
+
+def test_list_form_mean_values_are_counted_per_input(workdir):
+    good = manifest(workdir, "mean_values: [[0, 0, 0], [0, 0, 0, 0]]\nstd_values: [[1, 1, 1], [1, 1, 1, 1]]\n")
+    assert load_manifest(good.name).models[0]["mean_values"] == [[0, 0, 0], [0, 0, 0, 0]]
+    bad = manifest(workdir, "mean_values: [[0, 0, 0], [0]]\nstd_values: [[1, 1, 1], [1]]\n")
+    assert [p.split(": ", 1)[0] for p in problems(bad)] == ["models.yaml:6:30", "models.yaml:7:29"]
+
+
+def test_image_samples_are_decoded_by_the_pipeline(workdir, tmp_path):
+    path = manifest(workdir, """\
+        quantization:
+          dataset:
+            image: { samples: [calib/photo.jpg, calib/photo.jpg], colour: bgr }
+            scale: [calib/scale_0.npy, calib/scale_1.npy]
+        """)
+    quant = load_manifest(path.name).models[0]["quantization"]
+    assert quant["images"] == [{"shape": [1, 3, 32, 32], "dtype": "float32", "layout": "nchw", "colour": "bgr"},
+                               None]
+    out = tmp_path / "laid out with spaces"
+    rows = write_dataset(quant, out, out / "dataset.txt")
+    lines = (out / "dataset.txt").read_text().splitlines()
+    assert lines == ["s0000-i0.npy s0000-i1.npy", "s0001-i0.npy s0001-i1.npy"]
+    decoded = np.load(rows[0][0])
+    assert decoded.shape == (1, 3, 32, 32) and decoded.dtype == np.float32
+    import cv2
+
+    bgr = cv2.resize(cv2.imread(str(JPEG)), (32, 32))
+    assert np.array_equal(decoded[0].transpose(1, 2, 0), bgr.astype(np.float32))  # colour: bgr keeps OpenCV's order
+    rgb = decode_image(str(JPEG), {**quant["images"][0], "colour": "rgb"})
+    assert np.array_equal(rgb[0, 0], decoded[0, 2])
+    assert np.array_equal(np.load(rows[1][1]), np.full((1, 4), 64, np.float32))  # .npy samples are links
+
+
+def test_a_declared_layout_must_fit_the_input(workdir):
+    path = manifest(workdir, """\
+        quantization:
+          dataset:
+            image: { samples: [calib/photo.jpg], layout: nhwc }
+            scale: [calib/scale_0.npy]
+        """)
+    assert problems(path) == ["models.yaml:8:28: sample 'photo.jpg' is an image, but input 'image' [1, 3, 32, 32] "
+                              "is not image-like with layout nhwc (4-D with 1 or 3 channels): give .npy samples"]
+
+
+# --- the real toolkit -------------------------------------------------------------
+
+MULTI = """\
+version: 1
+defaults:
+  targets: [rk3588]
+  verify: { samples: 2, min_cosine: 0.98 }
+models:
+  - name: detector
+    source: examples/models/tiny_detector.onnx
+    mean_values: { image: [0, 0, 0] }
+    std_values: { image: [255, 255, 255] }
+    quantization:
+      dataset:
+        image: [examples/calib/multi/image_0.npy, examples/calib/multi/image_1.npy]
+        scale: [examples/calib/multi/scale_0.npy, examples/calib/multi/scale_1.npy]
+  - name: detector_file
+    source: examples/models/tiny_detector.onnx
+    mean_values: [[0, 0, 0], [0, 0, 0, 0]]
+    std_values: [[255, 255, 255], [1, 1, 1, 1]]
+    quantization: { dataset: "calib set é.txt" }
+  - name: detector_jpeg
+    source: examples/models/tiny_detector.onnx
+    mean_values: { image: [0, 0, 0] }
+    std_values: { image: [255, 255, 255] }
+    quantization:
+      dataset:
+        image: { samples: [examples/calib/sample_0.jpg, examples/calib/sample_1.jpg], colour: rgb }
+        scale: [examples/calib/multi/scale_0.npy, examples/calib/multi/scale_1.npy]
+  - name: two_tower
+    source: examples/models/tiny_two_tower.onnx
+    mean_values: { image: [0, 0, 0] }
+    std_values: { image: [255, 255, 255] }
+    quantization:
+      dataset:
+        image: [examples/calib/multi/image_0.npy, examples/calib/multi/image_1.npy]
+        ids: [examples/calib/multi/ids_0.npy, examples/calib/multi/ids_1.npy]
+        mask: [examples/calib/multi/mask_0.npy, examples/calib/multi/mask_1.npy]
+"""
+
+
+@pytest.mark.toolkit
+def test_quantized_multi_input_builds_in_a_path_with_spaces_and_accents(tmp_path):
+    from conftest import Project
+
+    root = tmp_path / "my models é ü"
+    root.mkdir()
+    project = Project(root)
+    (root / "calib set é.txt").write_text("examples/calib/multi/image_0.npy examples/calib/multi/scale_0.npy\n"
+                                          "examples/calib/multi/image_1.npy examples/calib/multi/scale_1.npy\n")
+    project.write_manifest(MULTI)
+    project.doit()
+    for name in ("detector", "detector_file", "detector_jpeg", "two_tower"):
+        sidecar = json.loads((root / "dist" / "rk3588" / f"{name}.json").read_text())
+        assert sidecar["verify"]["passed"] and sidecar["verify"]["input_source"] == "dataset", name
+        assert sidecar["arguments"]["build"]["do_quantization"] is True
+        listing = root / "build" / name / "rk3588" / "calibration" / "dataset.txt"
+        lines = listing.read_text().splitlines()
+        assert len(lines) == 2 and all(" " not in path for line in lines for path in line.split())
+        log = (root / "build" / name / "rk3588" / "convert.log").read_text()
+        assert "Quantize calibration include 2 samples" in log, name
+    detector = json.loads((root / "dist" / "rk3588" / "detector.json").read_text())
+    assert [s["path"] for s in detector["inputs"]["dataset"]["samples"]] == [
+        "examples/calib/multi/image_0.npy", "examples/calib/multi/scale_0.npy",
+        "examples/calib/multi/image_1.npy", "examples/calib/multi/scale_1.npy"]
