@@ -796,16 +796,18 @@ class Benchmark:
         self.add(section, "`doit -n 2 -P process`", "s", timings["parallel"])
         self.add(section, "speed-up -n 1 / -n 2", "x", ratios(timings["serial"], timings["parallel"]))
         if rss:
-            self.add(section, "peak RSS per conversion worker (each worker of both modes is a sample)", "MiB", rss)
+            self.add(section, "peak RSS per worker interpreter (a zygote, or a fresh worker after a fallback)",
+                     "MiB", rss)
         how = "GNU time's %M" if os.access(GNU_TIME, os.X_OK) else "getrusage(RUSAGE_CHILDREN).ru_maxrss"
         self.note(section, f"Conversions: {pairs} (the generated Conv+AveragePool 1x3x16x16 model, float16, "
                            "chosen to keep the benchmark short), each workspace fresh. Peak RSS comes from "
-                           f"{how}, recorded by a wrapper given as {WORKER_ENV}; two workers at once need about "
-                           "twice that. Both cores are shared with other work, so the speed-up is bounded by 2 "
-                           "and is lower whenever the machine is busy. With `-n 1` the pipeline already uses the "
-                           "second core for the next worker's toolkit import, which dominates these tiny "
-                           "conversions, so `-n 2` gains little here; it pays for models that take longer to "
-                           "build than to import.")
+                           f"{how}, recorded by a wrapper given as {WORKER_ENV}: it wraps "
+                           "the zygote that each task process starts (RSS counts the pages its forked children "
+                           "share with it; section 8 gives unique memory). Both cores are shared with other work, "
+                           "so the speed-up is bounded by 2 and is lower whenever the machine is busy. Each of the "
+                           "`-n 2` task processes imports the toolkit in its own zygote, and that import dominates "
+                           "these tiny conversions, so `-n 2` gains little here; it pays for models that take "
+                           "longer to build than to import.")
 
     # 5 -------------------------------------------------------------------------------------------
     def cache_restore(self) -> None:
@@ -922,7 +924,7 @@ class Benchmark:
                 ws = self.scratch.workspace("worker-fork", manifest)
                 cpu = children_cpu()
                 with MemorySampler(ws) as sampler:
-                    seconds, output = self.scratch.doit(ws, "-n", "1")
+                    seconds, output = self.scratch.doit(ws)
                 cpu = children_cpu() - cpu
                 if len(converted(output)) != count or "falling back to a fresh worker" in output:
                     raise BenchmarkError(f"the forked build converted {converted(output)} or fell back")
@@ -951,20 +953,21 @@ class Benchmark:
         last = list(manifests)[-1]
         cpu_floor = [cpu / 2 for cpu in floor["serial_cpu"]]
         self.add(section, f"{last}: `doit -n 2 -P process`, forked workers", "s", floor["parallel"])
-        self.add(section, f"{last}: 2-core CPU floor (CPU seconds of the `-n 1` run / 2)", "s", cpu_floor)
+        self.add(section, f"{last}: 2-core CPU floor (CPU seconds of the serial run / 2)", "s", cpu_floor)
         self.add(section, f"{last}: ratio `-n 2` / CPU floor (goal <= 1.1)", "x", ratios(floor["parallel"], cpu_floor))
         names = {"zygote": "each zygote", "child": "each forked child (one per conversion)"}
         for (role, key), samples in memory.items():
             if samples:
-                self.add(section, f"peak {key.upper()} of {names[role]}, `-n 1` runs", "MiB", samples)
+                self.add(section, f"peak {key.upper()} of {names[role]}, serial runs", "MiB", samples)
         load_after = os.getloadavg()
         described = {label: ", ".join(f"{m['name']}@{t}" for m, t in pairs_of(manifest))
                      for label, manifest in manifests.items()}
         self.note(section, "Conversions: " + "; ".join(f"{label}: {text}" for label, text in described.items())
                   + ". Each build is a fresh workspace; the forked and fresh builds and the hand loop (the same "
                     "loop as section 1, with the pipeline's toolkit arguments) alternate run by run, so the "
-                    "ratios compare runs made under the same load. The CPU floor is the user + system time of "
-                    "the `-n 1` build and every process it started (zygote and children included: each is "
+                    "ratios compare runs made under the same load. Serial means plain `doit` (tasks run in doit's "
+                    "own process). The CPU floor is the user + system time of "
+                    "the serial build and every process it started (zygote and children included: each is "
                     "reaped), halved: no 2-core schedule can finish sooner. Memory is sampled every 50 ms from "
                     "`/proc/<pid>/smaps_rollup`; USS counts pages no other process maps, so a child's USS is "
                     "what it added to the zygote, and the zygote's USS depends on which other processes on the "

@@ -187,9 +187,14 @@ class _Zygotes:
     @classmethod
     def _mine(cls) -> None:
         if cls.owner != os.getpid():
+            from multiprocessing import util
+
             for zygote in cls.live.values():
                 zygote.close()  # inherited: only closes this process's copy of its pipes
             cls.owner, cls.live, cls.refused = os.getpid(), {}, {}
+            # doit's task processes (-n N) end with os._exit, skipping atexit but not multiprocessing's
+            # finalizers: stop (and reap) the zygotes there too, rather than leave them to notice EOF.
+            util.Finalize(None, cls.close_all, exitpriority=0)
 
     @classmethod
     def get(cls, python: str, build_dir: Path):
