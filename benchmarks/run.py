@@ -28,10 +28,12 @@ import platform
 import re
 import shlex
 import shutil
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -50,7 +52,7 @@ GNU_TIME = Path("/usr/bin/time")
 BENCH_MODELS = ("inception_v2", "inception_v2_int8", "densenet121", "shufflenet")
 PARALLEL_TARGETS = ("rk3588", "rk3576", "rk3566", "rk3562")  # all convert float16 models
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore",
-            "6 scale", "7 large model", "8 shapes")
+            "6 scale", "7 large model", "8 worker model", "9 shapes")
 SHAPE_MODELS = ("rec", "rec_dynamic")  # models.yaml entries: one recogniser as buckets and as one dynamic model
 
 
@@ -449,6 +451,87 @@ def read_rss_mib(log: Path) -> list[float]:
     return [int(line) / 1024 for line in log.read_text().split() if line.isdigit()]
 
 
+# -- the worker model: CPU seconds and unique memory ----------------------------------------------
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of every finished, reaped descendant of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker_manifest() -> dict:
+    """Eight small float16 pairs: the kind of manifest where the toolkit's import dominates a build."""
+    return {
+        "version": 1,
+        "defaults": {"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]]},
+        "models": [
+            {"name": "pool", "source": "examples/models/tiny_pool_identity.onnx", "inputs": {"x": [1, 3, 32, 32]},
+             "targets": ["rk3588", "rk3566", "rk3576", "rk3562"]},
+            {"name": "stem", "source": "examples/models/light_densenet121.onnx",
+             "inputs": {"data_0": [1, 3, 224, 224]}, "outputs": ["r7"], "targets": ["rk3588", "rk3576"]},
+            {"name": "shufflenet", "source": "examples/models/light_shufflenet.onnx",
+             "inputs": {"gpu_0/data_0": [1, 3, 224, 224]}, "targets": ["rk3588", "rk3576"]},
+        ],
+    }
+
+
+class MemorySampler:
+    """Polls /proc while a build runs for the peak unique memory of its zygotes and their forked children.
+
+    PSS (shared pages split among the processes sharing them) and USS (pages no
+    other process maps) from ``/proc/<pid>/smaps_rollup``, not RSS: a child shares
+    the zygote's pages copy-on-write, and RSS would count them once per child.
+    A zygote is a process whose command line is ``pipeline.zygote <build dir of
+    this workspace>``; its children have the same command line and a zygote as parent.
+    """
+
+    def __init__(self, workspace: Path, interval: float = 0.05):
+        self.marker = str(workspace).encode()
+        self.interval = interval
+        self.peaks: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    self._sample(entry)
+            self._stop.wait(self.interval)
+
+    def _sample(self, entry: Path) -> None:
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"pipeline.zygote" not in cmdline or not any(self.marker in part for part in cmdline):
+                return
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            fields = {}
+            for line in (entry / "smaps_rollup").read_text().splitlines()[1:]:
+                key, value = line.split(":", 1)
+                fields[key] = int(value.split()[0])
+        except (OSError, ValueError, IndexError):
+            return  # it exited meanwhile
+        pid = int(entry.name)
+        peak = self.peaks.setdefault(pid, {"parent": parent, "pss": 0, "uss": 0})
+        peak["pss"] = max(peak["pss"], fields.get("Pss", 0))
+        peak["uss"] = max(peak["uss"], fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0))
+
+    def mib(self, role: str, key: str) -> list[float]:
+        """Peak ``key`` (pss/uss) in MiB of every zygote (role "zygote") or forked child (role "child")."""
+        zygotes = {pid for pid, peak in self.peaks.items() if peak["parent"] not in self.peaks}
+        chosen = zygotes if role == "zygote" else set(self.peaks) - zygotes
+        return [self.peaks[pid][key] / 1024 for pid in sorted(chosen)]
+
+
 # -- the large model ----------------------------------------------------------------------------
 
 
@@ -596,7 +679,7 @@ class Benchmark:
             built = self.timed(self.cold_build)
             self.timed(self.noop_rebuild, built)
             self.timed(self.one_changed, built)
-        figures = (self.parallel, self.cache_restore, self.scale, self.large_model, self.shapes)
+        figures = (self.parallel, self.cache_restore, self.scale, self.large_model, self.worker_model, self.shapes)
         for section, figure in zip(SECTIONS[3:], figures):
             if not only or section in only:
                 self.timed(figure)
@@ -719,16 +802,18 @@ class Benchmark:
         self.add(section, "`doit -n 2 -P process`", "s", timings["parallel"])
         self.add(section, "speed-up -n 1 / -n 2", "x", ratios(timings["serial"], timings["parallel"]))
         if rss:
-            self.add(section, "peak RSS per conversion worker (each worker of both modes is a sample)", "MiB", rss)
+            self.add(section, "peak RSS per worker interpreter (a zygote, or a fresh worker after a fallback)",
+                     "MiB", rss)
         how = "GNU time's %M" if os.access(GNU_TIME, os.X_OK) else "getrusage(RUSAGE_CHILDREN).ru_maxrss"
         self.note(section, f"Conversions: {pairs} (the generated Conv+AveragePool 1x3x16x16 model, float16, "
                            "chosen to keep the benchmark short), each workspace fresh. Peak RSS comes from "
-                           f"{how}, recorded by a wrapper given as {WORKER_ENV}; two workers at once need about "
-                           "twice that. Both cores are shared with other work, so the speed-up is bounded by 2 "
-                           "and is lower whenever the machine is busy. With `-n 1` the pipeline already uses the "
-                           "second core for the next worker's toolkit import, which dominates these tiny "
-                           "conversions, so `-n 2` gains little here; it pays for models that take longer to "
-                           "build than to import.")
+                           f"{how}, recorded by a wrapper given as {WORKER_ENV}: it wraps "
+                           "the zygote that each task process starts (RSS counts the pages its forked children "
+                           "share with it; section 8 gives unique memory). Both cores are shared with other work, "
+                           "so the speed-up is bounded by 2 and is lower whenever the machine is busy. Each of the "
+                           "`-n 2` task processes imports the toolkit in its own zygote, and that import dominates "
+                           "these tiny conversions, so `-n 2` gains little here; it pays for models that take "
+                           "longer to build than to import.")
 
     # 5 -------------------------------------------------------------------------------------------
     def cache_restore(self) -> None:
@@ -824,11 +909,85 @@ class Benchmark:
                            f"{self.config.large_dim} float32 each, with Relu between) in one external-data file; "
                            "`analyze()` runs in its own process; peaks are that process's VmHWM.")
 
+    # 8 -------------------------------------------------------------------------------------------
+    def worker_model(self) -> None:
+        """Forked workers (the default) against fresh ones and the hand-written loop, on two manifests;
+        `-n 2` against the 2-core CPU floor; unique memory of the zygote and its children."""
+        section = SECTIONS[7]
+        load_before = os.getloadavg()
+        manifests = {"benchmark manifest": self.manifest, "8 small pairs": worker_manifest()}
+        if self.config.tiny:
+            manifests = {"tiny manifest": self.manifest, "4 tiny pairs": parallel_manifest()}
+        fresh_env = dict(self.scratch.env, RKNN_PIPELINE_WORKER="fresh")
+        memory: dict[tuple[str, str], list[float]] = {}
+        floor: dict[str, list[float]] = {"serial_cpu": [], "parallel": []}
+        for label, manifest in manifests.items():
+            count = len(pairs_of(manifest))
+            times: dict[str, list[float]] = {"fork": [], "fresh": [], "hand": []}
+            peers = None
+            for run in range(self.config.repeat):
+                progress(f"{section}: {label}, run {run + 1}/{self.config.repeat}")
+                ws = self.scratch.workspace("worker-fork", manifest)
+                cpu = children_cpu()
+                with MemorySampler(ws) as sampler:
+                    seconds, output = self.scratch.doit(ws)
+                cpu = children_cpu() - cpu
+                if len(converted(output)) != count or "falling back to a fresh worker" in output:
+                    raise BenchmarkError(f"the forked build converted {converted(output)} or fell back")
+                times["fork"].append(seconds)
+                for role in ("zygote", "child"):
+                    for key in ("pss", "uss"):
+                        memory.setdefault((role, key), []).extend(sampler.mib(role, key))
+                if peers is None:
+                    peers = prepare_peers(self.scratch, ws, manifest)
+                times["hand"].append(run_hand_loop(self.scratch, peers, run))
+                seconds, _ = self.scratch.doit(self.scratch.workspace("worker-fresh", manifest), env=fresh_env)
+                times["fresh"].append(seconds)
+                if label == list(manifests)[-1]:
+                    floor["serial_cpu"].append(cpu)
+                    seconds, output = self.scratch.doit(self.scratch.workspace("worker-n2", manifest),
+                                                        "-n", "2", "-P", "process")
+                    if len(converted(output)) != count:
+                        raise BenchmarkError(f"the -n 2 build converted {converted(output)}")
+                    floor["parallel"].append(seconds)
+            self.add(section, f"{label} ({count} pairs): `doit`, forked workers (default)", "s", times["fork"])
+            self.add(section, f"{label}: `doit` with RKNN_PIPELINE_WORKER=fresh", "s", times["fresh"])
+            self.add(section, f"{label}: hand-written loop", "s", times["hand"])
+            self.add(section, f"{label}: ratio forked / hand loop (goal <= 1.0)", "x",
+                     ratios(times["fork"], times["hand"]))
+            self.add(section, f"{label}: ratio fresh / hand loop", "x", ratios(times["fresh"], times["hand"]))
+        last = list(manifests)[-1]
+        cpu_floor = [cpu / 2 for cpu in floor["serial_cpu"]]
+        self.add(section, f"{last}: `doit -n 2 -P process`, forked workers", "s", floor["parallel"])
+        self.add(section, f"{last}: 2-core CPU floor (CPU seconds of the serial run / 2)", "s", cpu_floor)
+        self.add(section, f"{last}: ratio `-n 2` / CPU floor (goal <= 1.1)", "x", ratios(floor["parallel"], cpu_floor))
+        names = {"zygote": "each zygote", "child": "each forked child (one per conversion)"}
+        for (role, key), samples in memory.items():
+            if samples:
+                self.add(section, f"peak {key.upper()} of {names[role]}, serial runs", "MiB", samples)
+        load_after = os.getloadavg()
+        described = {label: ", ".join(f"{m['name']}@{t}" for m, t in pairs_of(manifest))
+                     for label, manifest in manifests.items()}
+        self.note(section, "Conversions: " + "; ".join(f"{label}: {text}" for label, text in described.items())
+                  + ". Each build is a fresh workspace; the forked and fresh builds and the hand loop (the same "
+                    "loop as section 1, with the pipeline's toolkit arguments) alternate run by run, so the "
+                    "ratios compare runs made under the same load. Serial means plain `doit` (tasks run in doit's "
+                    "own process). The CPU floor is the user + system time of "
+                    "the serial build and every process it started (zygote and children included: each is "
+                    "reaped), halved: no 2-core schedule can finish sooner. Memory is sampled every 50 ms from "
+                    "`/proc/<pid>/smaps_rollup`; USS counts pages no other process maps, so a child's USS is "
+                    "what it added to the zygote, and the zygote's USS depends on which other processes on the "
+                    "machine map the same toolkit libraries.")
+        self.note(section, f"Load average (1/5/15 min) before this section: "
+                           f"{' / '.join(f'{v:.1f}' for v in load_before)}, after: "
+                           f"{' / '.join(f'{v:.1f}' for v in load_after)} on {os.cpu_count()} cores shared with "
+                           "other work.")
+
 
     # 8 -------------------------------------------------------------------------------------------
     def shapes(self) -> None:
         """Buckets against one dynamic model for the same shape sets: time, cosine per shape, size."""
-        section = SECTIONS[7]
+        section = SECTIONS[8]
         manifest = yaml.safe_load((REPO / "models.yaml").read_text())
         models = {m["name"]: m for m in manifest["models"] if m["name"] in SHAPE_MODELS}
         manifest["models"] = [models[name] for name in SHAPE_MODELS]
@@ -881,9 +1040,9 @@ class Benchmark:
                            f"[1, 3, 48, W]) at widths {', '.join(map(str, widths))}, w8a8 on rk3588 from the "
                            "same two calibration images, built both ways in one fresh workspace per run: "
                            "`shapes: buckets` (one static .rknn per width) and `shapes: dynamic` (one .rknn "
-                           "through `dynamic_input`). Times are whole `doit export:...` runs (analysis, one "
-                           "worker process and toolkit import per conversion, verify at each width, export) and "
-                           "the conversion workers' own times from convert.json. Cosine is the first output's, "
+                           "through `dynamic_input`). Times are whole `doit export:...` runs (analysis, "
+                           "resolution, conversion with verify at each width, export) and the conversion workers' "
+                           "own times from convert.json. Cosine is the first output's, "
                            "over the verify samples: the two calibration images, resized to each width (for the "
                            "dynamic model too, although the toolkit calibrates it at the largest width only).")
 

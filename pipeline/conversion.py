@@ -2,10 +2,11 @@
 
 The parent side of :mod:`pipeline.worker`. It builds the exact keyword arguments
 for ``rknn.config`` / ``load_onnx`` / ``build`` from the manifest (so the same
-arguments are recorded in the sidecar and in the cache key), starts the worker
-with its stdout/stderr on ``convert.log``, enforces the model's timeout by
-killing the worker's whole process group, and parses the layer table from the
-log into ``placement.json``.
+arguments are recorded in the sidecar and in the cache key), has the worker run
+with its stdout/stderr on ``convert.log`` (a child forked from the build's
+:mod:`pipeline.zygote`, or a fresh process as the fallback), enforces the
+model's timeout by killing the worker's whole process group, and parses the
+layer table from the log into ``placement.json``.
 
 Outputs in ``build/<name>/<target>/``: ``model.rknn``, ``convert.log``,
 ``placement.json`` and ``convert.json`` (the worker's result, the placement
@@ -153,43 +154,140 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
     }
 
 
-def worker_python() -> str:
-    """The interpreter that runs conversion workers.
+def worker_python(job: dict | None = None) -> str:
+    """The interpreter that runs the conversion worker for ``job``.
 
     ``RKNN_PIPELINE_WORKER_PYTHON`` selects another one, e.g. a wrapper that
     runs the toolkit under a memory limit or in another environment that has
     this package installed; by default the worker uses this process's Python.
+    The job is passed so that a job can name its own toolkit environment; a
+    zygote is kept per interpreter.
     """
     return os.environ.get("RKNN_PIPELINE_WORKER_PYTHON") or sys.executable
 
 
-class _Standby:
-    """At most one pre-started worker per process, already past the toolkit's import.
+WORKER_MODES = ("fork", "fresh")
+# Deaths that a fork-unsafe toolkit could cause (a SIGKILL comes from outside: a user, the OOM killer).
+_CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 
-    A worker is started per conversion (isolation: the toolkit keeps global
-    state and may crash), but its ~4 s import need not be waited for: while
-    one conversion runs, the next worker imports on the other core. An unused
-    standby gets EOF on stdin at exit, or dies with its parent.
+
+def worker_mode() -> str:
+    """``fork`` (default: a child of the per-build zygote) or ``fresh`` (a new process per conversion),
+    from ``RKNN_PIPELINE_WORKER``."""
+    mode = os.environ.get("RKNN_PIPELINE_WORKER") or "fork"
+    if mode not in WORKER_MODES:
+        raise ConversionFailed(f"RKNN_PIPELINE_WORKER={mode!r} is not one of {', '.join(WORKER_MODES)}")
+    return mode
+
+
+class _Zygotes:
+    """The zygotes of this process: one per (interpreter, build directory, thread), started on first use.
+
+    A process forked by doit (``-n N``) inherits the table but not the right to
+    use it: two processes writing jobs into one zygote would mix up answers, so
+    the owner pid is checked and an inherited table is dropped. Interpreters for
+    which forking failed are remembered in ``refused`` and get a fresh process
+    per conversion for the rest of the build (said once, on stderr).
+    """
+
+    owner: int | None = None
+    live: dict = {}
+    refused: dict[str, str] = {}
+
+    @classmethod
+    def _mine(cls) -> None:
+        if cls.owner != os.getpid():
+            from multiprocessing import util
+
+            for zygote in cls.live.values():
+                zygote.close()  # inherited: only closes this process's copy of its pipes
+            cls.owner, cls.live, cls.refused = os.getpid(), {}, {}
+            # doit's task processes (-n N) end with os._exit, skipping atexit but not multiprocessing's
+            # finalizers: stop (and reap) the zygotes there too, rather than leave them to notice EOF.
+            util.Finalize(None, cls.close_all, exitpriority=0)
+
+    @classmethod
+    def get(cls, python: str, build_dir: Path):
+        """The zygote for ``python`` (started now if needed, without waiting for its import), or None
+        when this interpreter falls back to fresh processes."""
+        from pipeline.zygote import Zygote
+
+        cls._mine()
+        if python in cls.refused:
+            return None
+        key = (python, str(build_dir), threading.get_ident())
+        zygote = cls.live.get(key)
+        if zygote is not None and not zygote.alive():
+            del cls.live[key]
+            cls.fall_back(python, zygote.obituary())
+            return None
+        if zygote is None:
+            zygote = cls.live[key] = Zygote(python, build_dir)
+        return zygote
+
+    @classmethod
+    def forget(cls, zygote) -> None:
+        """Drop a zygote that was stopped on purpose (a timeout while it imported)."""
+        cls.live = {key: value for key, value in cls.live.items() if value is not zygote}
+
+    @classmethod
+    def fall_back(cls, python: str, why: str) -> None:
+        if python in cls.refused:
+            return
+        cls.refused[python] = why
+        for key in [key for key in cls.live if key[0] == python]:
+            cls.live.pop(key).close()
+        print(f"warning: {why}; falling back to a fresh worker process per conversion for the rest of this "
+              f"build (RKNN_PIPELINE_WORKER=fresh does so from the start)", file=sys.stderr, flush=True)
+
+    @classmethod
+    def close_all(cls) -> None:
+        if cls.owner == os.getpid():
+            for zygote in cls.live.values():
+                zygote.close()
+        cls.live = {}
+
+
+atexit.register(_Zygotes.close_all)
+
+
+def prestart_worker(job: dict) -> None:
+    """Start the zygote for ``job``'s interpreter now, so the toolkit's import overlaps the tasks that
+    run before the first conversion (analysis, resolution). No-op in ``fresh`` mode or when running."""
+    if (os.environ.get("RKNN_PIPELINE_WORKER") or "fork") == "fork":
+        _Zygotes.get(worker_python(job), Path(job["workdir"]).parents[2])
+
+
+class _Standby:
+    """At most one pre-started fresh worker per process, already past the toolkit's import.
+
+    Used when conversions run in fresh processes (``RKNN_PIPELINE_WORKER=fresh``
+    or after a fallback from the zygote): its ~4 s import need not be waited
+    for, since while one conversion runs the next worker imports on the other
+    core. An unused standby gets EOF on stdin at exit, or dies with its parent.
     """
 
     proc: subprocess.Popen | None = None
 
     @classmethod
-    def spawn(cls, build_dir: Path) -> subprocess.Popen:
+    def spawn(cls, python: str, build_dir: Path) -> subprocess.Popen:
+        from pipeline.zygote import die_with_parent
+
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        return subprocess.Popen([worker_python(), "-m", "pipeline.worker", "--standby", str(build_dir)],
+        return subprocess.Popen([python, "-m", "pipeline.worker", "--standby", str(build_dir)],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                                env=env, start_new_session=True, preexec_fn=die_with_parent)
 
     @classmethod
-    def take(cls, build_dir: Path) -> subprocess.Popen:
-        """A live standby worker (the pre-started one if still alive), and start the next."""
+    def take(cls, python: str, build_dir: Path, prewarm: bool = True) -> subprocess.Popen:
+        """A live standby worker (the pre-started one if still alive and for the same interpreter and
+        build), and start the next one unless ``prewarm`` is off."""
         proc, cls.proc = cls.proc, None
-        if proc is None or proc.poll() is not None or proc.args[-1] != str(build_dir):
+        if proc is None or proc.poll() is not None or proc.args[0] != python or proc.args[-1] != str(build_dir):
             cls.release(proc)
-            proc = cls.spawn(build_dir)
-        if os.environ.get("RKNN_PIPELINE_PREWARM", "1") != "0":
-            cls.proc = cls.spawn(build_dir)
+            proc = cls.spawn(python, build_dir)
+        if prewarm and os.environ.get("RKNN_PIPELINE_PREWARM", "1") != "0":
+            cls.proc = cls.spawn(python, build_dir)
         return proc
 
     @staticmethod
@@ -209,21 +307,95 @@ class _Standby:
 atexit.register(_Standby.release_current)
 
 
-def run_worker(job: dict, log_path: Path, timeout: float) -> dict:
-    """Run a conversion worker on ``job``; return its result plus ``returncode``.
+def run_worker(job: dict, log_path: Path, timeout: float, python: str | None = None) -> dict:
+    """Run the conversion worker on ``job`` with ``python`` (default :func:`worker_python`); return its
+    result plus ``returncode``.
 
-    The worker gets its own session (process group) so a timeout kills the
-    toolkit's helper processes too; a worker that dies without writing a
-    result (signal, OOM kill) yields a result that says how it died.
+    By default the worker is a child forked from this build's zygote for that
+    interpreter; with ``RKNN_PIPELINE_WORKER=fresh``, or once the zygote has
+    failed, a fresh process. Either way it has its own session (a timeout kills
+    its whole group), and a worker that dies without writing a result (signal,
+    OOM kill) yields a result that says how it died.
     """
+    python = python or worker_python(job)
     workdir = Path(job["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     job_path = workdir / "job.json"
-    Path(log_path).write_bytes(b"")  # a fresh log, even if the worker dies before opening it
     files.atomic_write_json(job_path, {**job, "log_path": str(log_path)})
     result_path = Path(job["result_path"])
-    result_path.unlink(missing_ok=True)
-    return _supervise(job, job_path, result_path, timeout, time.monotonic())
+    started = time.monotonic()
+
+    def fresh_start():
+        Path(log_path).write_bytes(b"")  # a fresh log, even if the worker dies before opening it
+        result_path.unlink(missing_ok=True)
+
+    fresh_start()
+    if worker_mode() == "fork":
+        zygote = _Zygotes.get(python, workdir.parents[2])
+        if zygote is not None:
+            result = _forked(zygote, job_path, result_path, timeout, started)
+            crash = _crash_signal(result)
+            if crash is None and result is not None:
+                return result
+            fresh_start()
+            if crash is None:  # the zygote is gone: this job, and the rest, in fresh processes
+                return _supervise(python, job, job_path, result_path, timeout, time.monotonic())
+            # A crash in a forked child: the toolkit's own, or fork-unsafety? A fresh process decides.
+            fresh = _supervise(python, job, job_path, result_path, timeout, time.monotonic(), prewarm=False)
+            if _crash_signal(fresh) is None:
+                _Zygotes.fall_back(python, f"{job['model']}@{job['target']} crashed in a forked worker "
+                                           f"({crash.name}) but not in a fresh process, so the toolkit is not "
+                                           f"fork-safe for it")
+            else:
+                fresh["error"] += f" (also in a forked worker: {crash.name})"
+            return fresh
+    return _supervise(python, job, job_path, result_path, timeout, started)
+
+
+def _forked(zygote, job_path: Path, result_path: Path, timeout: float, started: float) -> dict | None:
+    """The job's result from a child of ``zygote``; None if the zygote died (the caller falls back)."""
+    from pipeline.zygote import ChildTimeout, ZygoteLost
+
+    try:
+        returncode = zygote.run(job_path, started + timeout)
+    except ZygoteLost as exc:
+        _Zygotes.fall_back(zygote.python, str(exc))
+        return None
+    except ChildTimeout:
+        if not zygote.alive():
+            _Zygotes.forget(zygote)
+        return _timed_out(started, timeout)
+    except BaseException:
+        with _shielded():  # Ctrl-C or doit stopping: the child's group is dead; stop the zygote too
+            _Zygotes.close_all()
+        raise
+    return _finish(result_path, returncode, started)
+
+
+def _crash_signal(result: dict | None) -> signal.Signals | None:
+    """The signal that killed a worker which wrote no result, if it is one a crash sends."""
+    code = (result or {}).get("returncode")
+    if result is None or result.get("step") != "worker" or code is None or code >= 0:
+        return None
+    return signal.Signals(-code) if -code in _CRASH_SIGNALS else None
+
+
+def _timed_out(started: float, timeout: float) -> dict:
+    elapsed = time.monotonic() - started
+    return {"ok": False, "step": "timeout", "returncode": None, "seconds": round(elapsed, 1),
+            "error": f"conversion timed out after {elapsed:.0f} s (timeout: {timeout:g} s); "
+                     f"raise the model's `timeout` in the manifest if the model is just big"}
+
+
+def _finish(result_path: Path, returncode: int, started: float) -> dict:
+    result = files.read_json(result_path)
+    if result is None:
+        how = (f"killed by signal {signal.Signals(-returncode).name}" if returncode < 0
+               else f"exited with code {returncode} without a result")
+        result = {"ok": False, "step": "worker", "error": f"conversion worker {how}"}
+    result["returncode"] = returncode
+    result.setdefault("seconds", round(time.monotonic() - started, 3))
+    return result
 
 
 @contextmanager
@@ -261,58 +433,33 @@ def _shielded():
             signal.signal(sig, handler)
 
 
-def _supervise(job: dict, job_path: Path, result_path: Path, timeout: float, started: float) -> dict:
+def _supervise(python: str, job: dict, job_path: Path, result_path: Path, timeout: float, started: float,
+               prewarm: bool = True) -> dict:
+    """Run ``job`` in a fresh worker process (a pre-started standby one when available)."""
     workdir = Path(job["workdir"])
-    proc = _Standby.take(workdir.parents[2])
+    proc = _Standby.take(python, workdir.parents[2], prewarm)
     try:
         proc.stdin.write(f"{job_path}\n".encode())
         proc.stdin.close()
     except OSError:  # it died already: its exit status says how
         pass
     try:
-        returncode = proc.wait(timeout=timeout)
+        returncode = proc.wait(timeout=max(started + timeout - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        elapsed = time.monotonic() - started
-        return {"ok": False, "step": "timeout", "returncode": None, "seconds": round(elapsed, 1),
-                "error": f"conversion timed out after {elapsed:.0f} s (timeout: {timeout:g} s); "
-                         f"raise the model's `timeout` in the manifest if the model is just big"}
+        return _timed_out(started, timeout)
     except BaseException:
         with _shielded():  # Ctrl-C or doit stopping: never leave a toolkit running
             _kill_group(proc)
             _Standby.release_current()
         raise
-    result = files.read_json(result_path)
-    if result is None:
-        how = (f"killed by signal {signal.Signals(-returncode).name}" if returncode < 0
-               else f"exited with code {returncode} without a result")
-        result = {"ok": False, "step": "worker", "error": f"conversion worker {how}"}
-    result["returncode"] = returncode
-    result.setdefault("seconds", round(time.monotonic() - started, 3))
-    return result
-
-
-def _die_with_parent() -> None:
-    """In the worker, before exec: ask Linux to SIGKILL it if its parent dies.
-
-    The worker runs in its own session (so a timeout can kill its whole group),
-    which also hides it from a Ctrl-C sent to doit's process group. If doit's
-    process-mode children are killed before their cleanup runs, this keeps
-    orphaned toolkit processes from converting on with nobody listening.
-    """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except OSError:  # not Linux/glibc: the parent's own cleanup still applies
-        pass
+    return _finish(result_path, returncode, started)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    from pipeline.zygote import kill_group
+
+    kill_group(proc.pid)
     proc.wait()
 
 
@@ -344,7 +491,7 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
     from pipeline import diagnostics
 
     log_path = workdir / "convert.log"
-    result = run_worker(job, log_path, float(model.get("timeout") or 1800))
+    result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
     log_text = log_path.read_text(errors="replace")
     layers = parse_layer_table(log_text)
     record = {

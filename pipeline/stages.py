@@ -113,6 +113,17 @@ def detail_lines(record: dict) -> list[str]:
     return lines
 
 
+def prestart_conversion(manifest, layout, model: dict, target: str, resolved: dict) -> None:
+    """Start the toolkit's import now if this pair will be converted rather than restored from the
+    cache, so the import overlaps the analysis and resolution still to run."""
+    from pipeline import cache, conversion
+
+    store = cache.store_from(manifest.cache_dir)
+    if store is not None and store.has(cache.cache_key(cache_document(manifest, model, target, resolved))):
+        return
+    conversion.prestart_worker(conversion.make_job(model, target, resolved, layout.workdir(model["name"], target)))
+
+
 def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str, list[str]]:
     """Restore from the artifact cache, or convert and store; return the verdict and detail lines."""
     import time

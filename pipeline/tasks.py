@@ -178,7 +178,7 @@ def run_analyze(name: str, target: str) -> TaskFailed | None:
 
 
 def run_resolve(name: str, target: str) -> TaskFailed | None:
-    from pipeline import resolution
+    from pipeline import resolution, stages
     from pipeline.placement_rules import Rules
 
     manifest, layout = context()
@@ -192,6 +192,7 @@ def run_resolve(name: str, target: str) -> TaskFailed | None:
     except resolution.ResolutionError as exc:
         return TaskFailed(str(exc))
     files.atomic_write_json(layout.resolved(name, target), resolved)
+    stages.prestart_conversion(manifest, layout, model, target, resolved)
     print(f"resolve {name}@{target}  {resolution.summary_line(resolved)}")
     for note in resolved["notes"]:
         print(f"  note: {note}")

@@ -1,7 +1,9 @@
 """Conversion worker: one model x target, in its own process.
 
-Run as ``python -m pipeline.worker --standby BUILD_DIR`` (the job path then
-arrives on stdin) or ``python -m pipeline.worker JOB.json``. The worker points
+Usually a child forked by :mod:`pipeline.zygote`, which calls :func:`main` with
+the job's path; as a fresh process (the fallback) it runs as
+``python -m pipeline.worker --standby BUILD_DIR`` (the job path then arrives on
+stdin) or ``python -m pipeline.worker JOB.json``. The worker points
 its stdout and stderr at the job's ``convert.log``, so the toolkit's
 C++ output (including the layer table, which ``verbose_file=`` does not capture)
 lands in the log with everything else. A crash, a hang or a kill of this

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "run.py"
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore", "6 scale",
-            "7 large model", "8 shapes")
+            "7 large model", "8 worker model", "9 shapes")
 HEADER = ["section", "measurement", "unit", "median", "min", "max", "runs"]
 
 
@@ -64,12 +64,12 @@ def test_only_refreshes_its_sections_rows_and_notes():
         return "# Benchmarks\n\nheader\n\n" + table + "\n\n## What each section measures\n\n" + \
             "".join(f"- **{note}**: about it\n" for note in notes)
 
-    full = document([("1 cold build", "a", 1.0), ("7 large model", "b", 2.0), ("8 shapes", "c", 3.0)],
-                    ["1 cold build", "7 large model", "8 shapes"])
-    only = document([("8 shapes", "c", 4.0), ("8 shapes", "d", 5.0)], ["8 shapes"])
-    merged = run.merge_document(full, only, {"8 shapes"})
+    full = document([("1 cold build", "a", 1.0), ("7 large model", "b", 2.0), ("9 shapes", "c", 3.0)],
+                    ["1 cold build", "7 large model", "9 shapes"])
+    only = document([("9 shapes", "c", 4.0), ("9 shapes", "d", 5.0)], ["9 shapes"])
+    merged = run.merge_document(full, only, {"9 shapes"})
     rows = table_rows(merged)
     assert [(row[0], row[1], row[3]) for row in rows] == [("1 cold build", "a", "1"), ("7 large model", "b", "2"),
-                                                          ("8 shapes", "c", "4"), ("8 shapes", "d", "5")]
-    assert merged.count("- **8 shapes**") == 1 and "`8 shapes`" in merged.splitlines()[-1]
-    assert run.merge_document(merged, only, {"8 shapes"}) == merged
+                                                          ("9 shapes", "c", "4"), ("9 shapes", "d", "5")]
+    assert merged.count("- **9 shapes**") == 1 and "`9 shapes`" in merged.splitlines()[-1]
+    assert run.merge_document(merged, only, {"9 shapes"}) == merged

@@ -120,10 +120,12 @@ def test_sigint_of_a_parallel_build_leaves_nothing_half_written(tmp_path):
                             start_new_session=True)
     _wait_for_worker(project.root)
     time.sleep(1)
+    zygotes = [pid for pid in _workers(project.root) if pid not in _workers(project.root, active=True)]
+    assert zygotes, "the build runs no zygote: this test would not see one outlive it"
     os.killpg(doit.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
     doit.communicate(timeout=120)
     assert doit.returncode != 0
-    assert not _workers(project.root), "a conversion worker outlived the interrupted build"
+    assert not _workers(project.root), "a conversion worker or zygote outlived the interrupted build"
     _assert_clean(project)
     project.doit()
     for name in ("alpha", "beta"):
@@ -165,8 +167,8 @@ def test_a_full_disk_during_export_leaves_no_partial_file(tmp_path):
 
 
 def _workers(root: Path, active: bool = False) -> list[int]:
-    """Conversion workers of this project; ``active``: only those writing a convert.log
-    (a pre-started standby worker has not been given a job yet)."""
+    """Conversion workers and zygotes of this project (their command line names its build directory);
+    ``active``: only those writing a convert.log (a zygote, or a pre-started standby worker, has no job)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -175,7 +177,7 @@ def _workers(root: Path, active: bool = False) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"pipeline.worker" in cmdline and any(str(root).encode() in part for part in cmdline):
+        if {b"pipeline.worker", b"pipeline.zygote"} & set(cmdline) and any(str(root).encode() in part for part in cmdline):
             try:
                 log = os.readlink(entry / "fd" / "1")
             except OSError:
