@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -81,6 +82,14 @@ def cache_key(document: dict) -> str:
 
 
 def file_sha256(path) -> str:
+    """sha256 hex of a file's bytes, remembered per file version within a process (keys, sidecars and
+    provenance hash the same sources many times in one build)."""
+    info = os.stat(path)
+    return _sha256_of(os.path.abspath(path), info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, inode: int, mtime_ns: int, size: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):

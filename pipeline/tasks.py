@@ -174,7 +174,7 @@ def run_analyze(name: str, target: str) -> TaskFailed | None:
         doc = analysis.analyze(model, target, Rules.load())
     except analysis.AnalysisError as exc:
         return TaskFailed(f"{manifest.location('models', model['index'], 'source')}: {name}@{target}: {exc}")
-    files.atomic_write_json(layout.analysis(name, target), doc)
+    files.atomic_write_json(layout.analysis(name, target), doc, compact=True)  # thousands of nodes
     print(f"analyze {name}@{target}  {analysis.summary_line(doc)}")
     return None
 
