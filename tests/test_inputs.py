@@ -146,7 +146,9 @@ def test_names_counts_and_dtypes(workdir):
             "got image: 1, ids: 2, text: 1") in found
     assert any(p.startswith("models.yaml:10:16: sample 'calib/nope.npy' does not exist") for p in found)
     assert any(p.startswith("models.yaml:10:9: dataset names 'text', which is not an input") for p in found)
-    assert len(found) == 4  # sample dtypes are checked once names and counts are right
+    assert ("models.yaml:9:15: sample 'ids_float.npy' has dtype float32 but input 'ids' is int64: save it with "
+            ".astype('int64')") in found  # samples of known inputs are checked whatever else is wrong
+    assert len(found) == 5
 
     path = manifest(workdir, """\
         quantization:
