@@ -415,3 +415,25 @@ def test_a_recogniser_builds_as_buckets_and_as_one_dynamic_model_verified_at_eac
     keys = {json.loads((tmp_path / "build" / f"rec.1x3x48x{w}" / "rk3588" / "convert.json").read_text())
             ["cache"]["key"] for w in (160, 320, 640)}
     assert len(keys) == 3  # each bucket is its own conversion identity
+
+
+def test_an_nhwc_input_gets_a_hint_about_the_toolkits_channel_axis():
+    info = inputs.InputInfo("image", ((1, 32, 32, 3),), "float32")
+    problem = inputs.normalisation_problem([0, 0, 0], info, "mean_values")
+    assert "expects 32 (dim 1 of [1, 32, 32, 3])" in problem and "counts dim 1 of an NHWC input too" in problem
+    assert inputs.image_layout((1, 32, 32, 3)) == "nhwc" and inputs.image_layout((1, 3, 32, 3)) == "nchw"
+    assert inputs.image_layout((1, 3, 32, 32), "nhwc") is None
+
+
+def test_shape_sets_names_and_largest():
+    from pipeline import shapes
+
+    declared = {"image": [[1, 3, 32, 32], [1, 3, 64, 64]], "scale": [1, 4], "ids": [[1, 8], [1, 16]]}
+    sets = shapes.shape_sets(declared)
+    assert sets == [{"image": [1, 3, 32, 32], "scale": [1, 4], "ids": [1, 8]},
+                    {"image": [1, 3, 64, 64], "scale": [1, 4], "ids": [1, 16]}]
+    assert shapes.varying(sets) == ["image", "ids"]
+    assert shapes.bucket_names({"name": "m", "shape_sets": sets}) == ["m.1x3x32x32_1x8", "m.1x3x64x64_1x16"]
+    assert shapes.largest([{"x": [1, 3, 96, 320]}, {"x": [1, 3, 48, 480]}]) == {"x": [1, 3, 96, 320]}  # most elements
+    assert shapes.shape_sets({"x": [[1, 2], [1, 3]], "y": [[1], [2], [3]]}) is None  # unequal lists
+    assert shapes.mode({"shape_sets": sets[:1], "shapes": "dynamic"}) is None  # one set: a static model
