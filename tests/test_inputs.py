@@ -437,3 +437,48 @@ def test_shape_sets_names_and_largest():
     assert shapes.largest([{"x": [1, 3, 96, 320]}, {"x": [1, 3, 48, 480]}]) == {"x": [1, 3, 96, 320]}  # most elements
     assert shapes.shape_sets({"x": [[1, 2], [1, 3]], "y": [[1], [2], [3]]}) is None  # unequal lists
     assert shapes.mode({"shape_sets": sets[:1], "shapes": "dynamic"}) is None  # one set: a static model
+
+
+def make_nhwc_model(path: Path) -> Path:
+    """image [1, 32, 32, 3] (NHWC, as TensorFlow exports) -> Transpose -> Conv -> Relu; seeded weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    weights = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.01).astype(np.float32), "w")]
+    nodes = [helper.make_node("Transpose", ["image"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["nchw", "w"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 32, 32, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32, 32])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.toolkit
+def test_images_for_an_nhwc_input_are_decoded_in_its_layout_and_colour_order(tmp_path):
+    from conftest import Project
+
+    project = Project(tmp_path)
+    make_nhwc_model(tmp_path / "nhwc.onnx")
+    project.write_manifest("""\
+version: 1
+models:
+  - name: nhwc
+    source: nhwc.onnx
+    targets: [rk3588]
+    verify: { samples: 2, min_cosine: 0.98 }
+    quantization:
+      dataset:
+        image: { samples: [examples/calib/sample_0.jpg, examples/calib/sample_1.jpg], layout: nhwc, colour: bgr }
+""")
+    project.doit()
+    sidecar = json.loads((tmp_path / "dist" / "rk3588" / "nhwc.json").read_text())
+    assert sidecar["verify"]["passed"] and sidecar["verify"]["input_source"] == "dataset"
+    decoded = np.load(tmp_path / "build" / "nhwc" / "rk3588" / "calibration" / "s0000-i0.npy")
+    import cv2
+
+    assert decoded.shape == (1, 32, 32, 3)
+    assert np.array_equal(decoded[0], cv2.resize(cv2.imread(str(REPO / "examples/calib/sample_0.jpg")), (32, 32)))
