@@ -1115,7 +1115,9 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 1
     pairs = sum(len(model["targets"]) for model in manifest.models)
-    print(f"ok: {len(manifest.models)} models, {pairs} model x target pairs")
+    entries = len({model["index"] for model in manifest.models})
+    buckets = f" ({len(manifest.models)} with each shape bucket counted)" if len(manifest.models) != entries else ""
+    print(f"ok: {entries} models{buckets}, {pairs} model x target conversions")
     return 0
 
 

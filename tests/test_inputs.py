@@ -338,6 +338,8 @@ def test_shape_problems_are_reported_at_load(recogniser):
     assert problems(static_dim) == ["models.yaml:6:36: shape [1, 3, 96, 160] changes dim 2, which the model fixes "
                                     "at 48: the toolkit refuses it in dynamic_input (only dims dynamic in the ONNX "
                                     "model may vary)"]
+    rank = manifest(recogniser, "inputs: { x: [[1, 3, 48, 160], [3, 48, 320]] }\nshapes: dynamic\n", source="rec.onnx")
+    assert problems(rank) == ["models.yaml:6:15: input 'x' has 4 dimensions in the model, but 3 are given"]
     twice = manifest(recogniser, WIDTHS + "shapes: dynamic\noptions: { dynamic_input: [[[1, 3, 48, 160]]] }\n",
                      source="rec.onnx")
     assert problems(twice)[0].startswith("models.yaml:8:31: options.dynamic_input and a list of shapes in inputs")
