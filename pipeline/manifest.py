@@ -817,8 +817,8 @@ class _Checker:
         widths = {len(paths) for _, paths in rows}
         if infos is not None and len(widths) == 1 and widths != {len(infos)}:
             problems = [*problems, f"has {widths.pop()} path(s) per line but the model has {len(infos)} inputs"]
-        elif infos is not None and not problems:
-            problems = _row_problems(rows, infos)
+        elif infos is not None:
+            problems = [*problems, *_row_problems(rows, infos)]
         for problem in problems:
             self.report.add_model(model, "quantization", "dataset", message=f"dataset {raw!r} {problem}")
 
@@ -828,6 +828,7 @@ class _Checker:
         where = ("quantization", "dataset")
         mapping = quant["dataset"]
         found = True
+        unreadable = set()
         for name, entry in mapping.items():
             for index, path in enumerate(entry["samples"]):
                 problem = _file_problem(path) or (None if path.lower().endswith(SAMPLE_TYPES)
@@ -836,6 +837,7 @@ class _Checker:
                     path_in_manifest = self.sample_path(model, name, index)
                     raw = _raw_value(self.data, model, path_in_manifest)
                     self.report.add_model(model, *path_in_manifest, message=f"sample {raw!r} {problem}")
+                    unreadable.add(path)
                     found = False
         counts = {name: len(entry["samples"]) for name, entry in mapping.items()}
         if len(set(counts.values())) > 1:
@@ -857,16 +859,17 @@ class _Checker:
             message = f"dataset has no samples for input(s) {', '.join(map(repr, missing))}: give samples for every input"
             self.report.add_model(model, *where, message=message)
             found = False
-        if not found:
-            return
-        for name, entry in mapping.items():
-            for index, path in enumerate(entry["samples"]):
+        for name, entry in mapping.items():  # every readable sample of a known input, whatever else is wrong
+            for index, path in enumerate(entry["samples"] if name in by_name else ()):
+                if path in unreadable:
+                    continue
                 problem = input_facts.sample_problem(path, by_name[name], entry.get("layout"))
                 if problem:
                     self.report.add_model(model, *self.sample_path(model, name, index),
                                           message=f"sample {os.path.basename(path)!r} {problem}")
-        quant["samples"] = [list(row) for row in zip(*(mapping[info.name]["samples"] for info in infos))]
-        quant["images"] = [_decode_spec(mapping[info.name], info) for info in infos]
+        if found:
+            quant["samples"] = [list(row) for row in zip(*(mapping[info.name]["samples"] for info in infos))]
+            quant["images"] = [_decode_spec(mapping[info.name], info) for info in infos]
 
     def sample_path(self, model: dict, name: str, index: int) -> tuple:
         """The manifest path of one sample of a dataset mapping (short or long form)."""
@@ -1071,6 +1074,8 @@ def _row_problems(rows: list[tuple[int, list[str]]], infos: list) -> list[str]:
     problems = []
     for number, paths in rows:
         for path, info in zip(paths, infos):
+            if not os.path.isfile(path) or not path.lower().endswith(SAMPLE_TYPES):
+                continue  # reported by _sample_problems
             problem = input_facts.sample_problem(path, info)
             if problem:
                 problems.append(f"line {number}: sample {os.path.basename(path)!r} {problem}")
@@ -1120,7 +1125,9 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 1
     pairs = sum(len(model["targets"]) for model in manifest.models)
-    print(f"ok: {len(manifest.models)} models, {pairs} model x target pairs")
+    entries = len({model["index"] for model in manifest.models})
+    buckets = f" ({len(manifest.models)} with each shape bucket counted)" if len(manifest.models) != entries else ""
+    print(f"ok: {entries} models{buckets}, {pairs} model x target conversions")
     return 0
 
 

@@ -366,7 +366,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_ok(workdir):
     write(workdir, VALID)
     done = run_cli("models.yaml", cwd=workdir)
-    assert (done.returncode, done.stdout, done.stderr) == (0, "ok: 2 models, 3 model x target pairs\n", "")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ok: 2 models, 3 model x target conversions\n", "")
 
 
 def test_cli_problems(workdir):
