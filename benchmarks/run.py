@@ -421,7 +421,7 @@ def seed_cache(cache_dir: Path, ws: Path) -> None:
             name = model["name"]
             workdir = layout.workdir(name, target)
             resolved = files.read_json(layout.resolved(name, target))
-            key = cache.cache_key(stages.cache_document(manifest, model, target, resolved))
+            key = stages.conversion_key(manifest, layout, model, target, resolved)
             store.put(key, {f: workdir / f for f in stages.CACHED_FILES}, meta={"model": name, "target": target})
 
 
@@ -829,7 +829,7 @@ class Benchmark:
         self.add(section, f"fresh workspace, warm {CACHE_ENV} (all {count} restored)", "s", warm)
         self.add(section, "ratio warm cache / cold build (section 1)", "x", ratios(warm, self.cold))
         self.note(section, "The cache is filled with the outputs of section 1's first build, under the keys "
-                           "the pipeline computes (`pipeline.stages.cache_document`), to spare one more cold "
+                           "the pipeline computes (`pipeline.stages.conversion_key`), to spare one more cold "
                            "build; a warm build that does not restore every conversion fails the benchmark. "
                            "A warm build still analyses and resolves every model (no toolkit), then restores "
                            "model.rknn, convert.json, placement.json and convert.log after re-hashing them.")

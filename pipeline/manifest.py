@@ -84,7 +84,7 @@ class Manifest:
     directory: Path
     version: int
     toolkit: str | None
-    cache_dir: Path | None
+    cache_url: str | None  # a local directory (absolute) or an object-store URL such as s3://bucket/prefix
     models: list[dict]
     _doc: YamlDocument = field(repr=False, compare=False)
 
@@ -126,10 +126,20 @@ def load_manifest(path, *, check_files: bool = True) -> Manifest:
         directory=directory,
         version=doc.data["version"],
         toolkit=doc.data.get("toolkit"),
-        cache_dir=Path(_absolute(directory, cache["dir"])) if cache else None,
+        cache_url=_cache_url(directory, cache),
         models=models,
         _doc=doc,
     )
+
+
+def _cache_url(directory: Path, cache: dict | None) -> str | None:
+    """The manifest's cache as a URL: ``dir`` (relative to the manifest) or ``url`` (a path or object-store URL)."""
+    if not cache:
+        return None
+    value = cache.get("url") or cache.get("dir")
+    if "://" in value:
+        return value
+    return _absolute(directory, value)
 
 
 def _top_level_problem(doc: YamlDocument) -> Problem:

@@ -157,14 +157,22 @@ def file_digest(path: str) -> str:
     return _file_digest(path, stat.st_mtime_ns, stat.st_size)
 
 
+# Code that decides a conversion before the toolkit runs (its effect reaches the conversion key
+# through analysis.json and resolved.json, which a plan does not compute).
+PLANNING_CODE = ("analysis.py", "resolution.py", "rewrite.py", "placement_rules.py", "manifest.py",
+                 "platforms.py", "shapes.py", "inputs.py", "calibration.py", "identity.py", "stages.py")
+
+
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """sha256 over this package's code and data: any change to it may change a conversion."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in _PACKAGE.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".json")
-                       and "__pycache__" not in p.parts):
-        digest.update(path.relative_to(_PACKAGE).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
+    """The conversion code's digest (pipeline.identity) plus the code that plans a conversion."""
+    from pipeline.identity import code_digest as conversion_code
+
+    digest = hashlib.sha256(conversion_code().encode())
+    for relative in PLANNING_CODE:
+        path = _PACKAGE / relative
+        if path.is_file():
+            digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -184,7 +192,7 @@ def _portable(value, directory: str):
 
 def pair_document(manifest, model: dict, target: str) -> dict:
     """Everything that decides a pair's conversion, known before analysis; no name, no path."""
-    from pipeline.stages import versions
+    from pipeline.identity import versions
 
     settings = {k: v for k, v in model.items() if k not in ("name", "index")}
     return {"kind": "rknn-pipeline pair", "target": target, "model": _portable(settings, str(manifest.directory)),
@@ -228,11 +236,20 @@ def estimate_seconds(model: dict, target: str) -> float:
 
 # -- the store, through today's has/get/put API --------------------------------
 
-def store_for(manifest):
-    """The shared cache, or None; one place to follow the cache module's store selection."""
-    from pipeline.cache import store_from
+def cache_location(manifest) -> str | None:
+    from pipeline.cache import ENV_VAR
 
-    return store_from(manifest.cache_dir)
+    return os.environ.get(ENV_VAR) or manifest.cache_url
+
+
+def store_for(manifest):
+    """The shared cache (chosen by pipeline.cache from its URL), or None; a store that cannot open is an error."""
+    from pipeline.cache import CacheError, store_from
+
+    try:
+        return store_from(manifest.cache_url)
+    except (CacheError, ValueError) as exc:
+        raise ShardError(f"sharding needs the shared cache, and it cannot be opened: {exc}") from None
 
 
 def _read_json_entry(store, key: str, name: str) -> dict | None:
@@ -400,7 +417,8 @@ def no_cache_message(manifest) -> str:
     from pipeline.cache import ENV_VAR
 
     return (f"sharding needs a shared cache, and {manifest.path} configures none: set {ENV_VAR} to a directory "
-            f"every runner shares (or `cache: {{dir: ...}}` in the manifest); the shards write their "
+            f"every runner reaches, e.g. s3://bucket/prefix with the AWS_* variables, or a shared directory "
+            f"(or `cache: {{url: ...}}` in the manifest); the shards write their "
             f"conversions there and the fan-in reads them")
 
 

@@ -8,7 +8,6 @@ writes the deliverables in ``dist/`` with their provenance.
 
 from __future__ import annotations
 
-import platform
 from importlib import metadata
 from pathlib import Path
 
@@ -23,14 +22,14 @@ class StageFailed(RuntimeError):
 
 
 def versions() -> dict:
-    """Versions that can change a conversion's result (recorded in every sidecar)."""
-    found = {}
-    for dist in ("rknn-toolkit2", "onnx", "onnxruntime", "numpy", "rknn-pipeline"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[dist] = None
-    found["python"] = platform.python_version()
+    """Versions that can change a conversion's result (recorded in every sidecar), and this package's."""
+    from pipeline.identity import versions as conversion_versions
+
+    found = conversion_versions()
+    try:
+        found["rknn-pipeline"] = metadata.version("rknn-pipeline")
+    except metadata.PackageNotFoundError:
+        found["rknn-pipeline"] = None
     return found
 
 
@@ -63,29 +62,14 @@ def input_hashes(manifest, model: dict, resolved: dict) -> dict:
     return doc
 
 
-def cache_document(manifest, model: dict, target: str, resolved: dict) -> dict:
-    """Everything that determines a conversion's outputs, and nothing else (no paths, no times)."""
-    from pipeline.conversion import recorded_arguments
-    from pipeline.tasks import PIPELINE_FORMAT
+def conversion_key(manifest, layout, model: dict, target: str, resolved: dict) -> str:
+    """The cache key of one conversion (its document is :func:`pipeline.identity.key_document`)."""
+    from pipeline.cache import cache_key
+    from pipeline.identity import key_document
 
-    args = recorded_arguments(model, target, Path(manifest.directory).resolve())
-    hashes = input_hashes(manifest, model, resolved)
-    strip = lambda item: item and {k: v for k, v in item.items() if k != "path"}  # noqa: E731
-    dataset = hashes["dataset"]
-    return {
-        "pipeline_format": PIPELINE_FORMAT,
-        "toolkit": versions()["rknn-toolkit2"],
-        "target": target,
-        "source_sha256": hashes["source"]["sha256"],
-        "converted_onnx_sha256": (hashes["converted_onnx"] or {}).get("sha256"),
-        "dataset_sha256": dataset and dataset["sha256"],
-        "samples_sha256": dataset and [s["sha256"] for s in dataset["samples"]],
-        "arguments": args,
-        "op_target": resolved.get("op_target"),
-        "rewrites": [strip(r) for r in resolved.get("rewrites") or []],
-        "hybrid": (model.get("quantization") or {}).get("hybrid"),
-        "verify": model.get("verify"),
-    }
+    analysis = files.read_json(layout.analysis(model["name"], target)) or {}
+    return cache_key(key_document(model, target, resolved, base=manifest.directory,
+                                  external_data=analysis.get("external_data") or []))
 
 
 def verdict_line(record: dict, seconds: float | None, hit: bool) -> str:
@@ -116,39 +100,54 @@ def detail_lines(record: dict) -> list[str]:
 def prestart_conversion(manifest, layout, model: dict, target: str, resolved: dict) -> None:
     """Start the toolkit's import now if this pair will be converted rather than restored from the
     cache, so the import overlaps the analysis and resolution still to run."""
-    from pipeline import cache, conversion
+    from pipeline import conversion
 
-    store = cache.store_from(manifest.cache_dir)
-    if store is not None and store.has(cache.cache_key(cache_document(manifest, model, target, resolved))):
+    store = open_cache(manifest)
+    if store is not None and store.has(conversion_key(manifest, layout, model, target, resolved)):
         return
     if fanin_mode():
         return  # the fan-in restores or fails; it never starts the toolkit
     conversion.prestart_worker(conversion.make_job(model, target, resolved, layout.workdir(model["name"], target)))
 
 
+def open_cache(manifest):
+    """The configured artifact store, or None; a store that cannot even be opened is a warning, not a failure."""
+    from pipeline import cache
+
+    try:
+        return cache.store_from(manifest.cache_url)
+    except (cache.CacheError, ValueError) as exc:
+        print(f"  warning: cache not used: {exc}")
+        return None
+
+
 def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str, list[str]]:
     """Restore from the artifact cache, or convert and store; return the verdict and detail lines."""
     import time
 
-    from pipeline import cache, conversion
+    from pipeline import conversion
 
     name = model["name"]
     workdir = layout.workdir(name, target)
     resolved = files.read_json(layout.resolved(name, target))
-    key = cache.cache_key(cache_document(manifest, model, target, resolved))
-    store = cache.store_from(manifest.cache_dir)
+    key = conversion_key(manifest, layout, model, target, resolved)
+    store = open_cache(manifest)
     started = time.monotonic()
     if store is not None:
         restored = store.get(key, workdir)
         if restored is not None and set(CACHED_FILES) <= set(restored):
-            record = files.read_json(layout.convert_record(name, target))
-            record["cache"] = {"key": key, "hit": True}
+            # The entry may come from another model with the same settings, in another checkout.
+            record = portable_record(files.read_json(layout.convert_record(name, target)), model, target,
+                                     resolved, layout)
+            record["cache"] = {"key": key, "hit": True, "stored_by": (store.meta(key) or {}).get("model")}
             files.atomic_write_json(layout.convert_record(name, target), record)
             _record_remaps(layout, name, target, resolved, record)
             _mark_built(store, manifest, model, target, key, record, converted=False)
             return verdict_line(record, time.monotonic() - started, True), detail_lines(record)
     if fanin_mode():
-        where = f"the cache at {store.root}" if store is not None else "no cache (none is configured)"
+        from pipeline.shard import cache_location
+
+        where = f"the cache at {cache_location(manifest)}" if store is not None else "any cache (none is configured)"
         raise StageFailed(f"{name}@{target}: fan-in: this conversion is not in {where}; the shard that owned it "
                           f"failed or did not run. Rerun that shard; the fan-in never converts")
     calibration = None
@@ -166,13 +165,16 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
         record = conversion.convert(model, target, resolved, workdir, calibration)
     except conversion.ConversionFailed as exc:
         raise StageFailed(str(exc)) from exc
+    record = portable_record(record, model, target, resolved, layout)
     record["cache"] = {"key": key, "hit": False}
     record.update(built_by())
     files.atomic_write_json(layout.convert_record(name, target), record)
+    _portable_log(layout.log(name, target), layout.root)
     _record_remaps(layout, name, target, resolved, record)
     if store is not None:
         try:
-            store.put(key, {f: workdir / f for f in CACHED_FILES}, meta={"model": name, "target": target})
+            store.put(key, {f: workdir / f for f in CACHED_FILES},
+                      meta={"model": name, "target": target, "seconds": record.get("seconds")})
         except OSError as exc:  # a full or read-only cache must not fail a good build
             print(f"  warning: could not store {name}@{target} in the cache: {exc}")
         else:
@@ -206,6 +208,31 @@ def _mark_built(store, manifest, model: dict, target: str, key: str, record: dic
         record_built(store, manifest, model, target, key, record, converted)
     except OSError as exc:
         print(f"  warning: could not mark {model['name']}@{target} as built in the cache: {exc}")
+
+
+def portable_record(record: dict, model: dict, target: str, resolved: dict, layout) -> dict:
+    """``convert.json`` as this model and checkout would have written it: its own name, paths relative to
+    the project (a record restored from the cache may come from another model in another checkout)."""
+    from pipeline.conversion import portable, recorded_arguments
+
+    record = dict(record, model=model["name"], target=target)
+    if record.get("arguments") is not None:
+        record["arguments"] = recorded_arguments(model, target, layout.root)
+    converted = resolved.get("converted_onnx")
+    record["converted_onnx"] = portable(str(Path(converted).resolve()), layout.root) if converted else \
+        portable(str(Path(model["source"]).resolve()), layout.root)
+    return portable(record, layout.root)
+
+
+def _portable_log(log: Path, root: Path) -> None:
+    """Replace the checkout's absolute path in the toolkit's log by ``.`` before the log is shared."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return
+    prefix = str(root)
+    if prefix in text:
+        files.atomic_write_text(log, text.replace(prefix + "/", "./").replace(prefix, "."))
 
 
 def _record_remaps(layout, name: str, target: str, resolved: dict, record: dict) -> None:

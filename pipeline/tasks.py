@@ -161,11 +161,13 @@ def resolve_key(model: dict, target: str) -> dict:
 
 def convert_key(model: dict, target: str, base: Path) -> dict:
     from pipeline.conversion import recorded_arguments
-    from pipeline.toolkit import installed_version
+    from pipeline.identity import code_digest, versions
 
+    # The file inputs are file_deps; what else enters the conversion's identity is here: a new
+    # library version or a change to the conversion code reruns it.
     args = recorded_arguments(model, target, base)
     quant = model.get("quantization") or {}
-    return {"format": PIPELINE_FORMAT, "toolkit": installed_version(), "arguments": args,
+    return {"format": PIPELINE_FORMAT, "versions": versions(), "code": code_digest(), "arguments": args,
             "hybrid": quant.get("hybrid"), "verify": model.get("verify")}
 
 
@@ -186,7 +188,7 @@ def run_analyze(name: str, target: str) -> TaskFailed | None:
         doc = analysis.analyze(model, target, Rules.load())
     except analysis.AnalysisError as exc:
         return TaskFailed(f"{manifest.location('models', model['index'], 'source')}: {name}@{target}: {exc}")
-    files.atomic_write_json(layout.analysis(name, target), doc)
+    files.atomic_write_json(layout.analysis(name, target), doc, compact=True)  # thousands of nodes
     print(f"analyze {name}@{target}  {analysis.summary_line(doc)}")
     return None
 
