@@ -95,6 +95,7 @@ def _row(record: dict) -> dict:
         "toolkit": _text(built.get("toolkit")) or None,
         "runtime": _text(runtime.get("declared")) or None,
         "cache_hit": hit if isinstance(hit, bool) else None,
+        "shard": _text(record.get("shard")) or None,
         "rknn_file": _text(rknn.get("file")) or None,
         "rknn_size": _int(rknn.get("size")),
         "layers": _int(placement.get("layers")),
@@ -178,8 +179,9 @@ def _count(value: int | None) -> str:
     return DASH if value is None else f"{value:,}"
 
 
-def _cache(hit: bool | None) -> str:
-    return {True: "hit", False: "miss"}.get(hit, DASH)
+def _cache(hit: bool | None, shard: str | None = None) -> str:
+    verdict = {True: "hit", False: "miss"}.get(hit, DASH)
+    return f"{verdict}, shard {shard}" if shard else verdict  # which CI shard converted it
 
 
 def _cosine(value: float | None) -> str:
@@ -230,7 +232,7 @@ def _cells(row: dict) -> list[str]:
     accuracy = row["accuracy"]
     return [
         row["model"], row["target"], _versions(row), row["status"], _seconds(row["convert_seconds"]),
-        _cache(row["cache_hit"]), human_size(row["rknn_size"]), _count(row["npu"]), _count(row["cpu"]),
+        _cache(row["cache_hit"], row["shard"]), human_size(row["rknn_size"]), _count(row["npu"]), _count(row["cpu"]),
         _tally(row["cpu_by_op"]) or DASH, _overrides(row["overrides"]), str(row["rewrites"]),
         str(len(row["disagreements"])), _cosine(accuracy["min_cosine"]), _verdict(accuracy["passed"]),
         _count(row["total_cycles"]),

@@ -105,6 +105,8 @@ def prestart_conversion(manifest, layout, model: dict, target: str, resolved: di
     store = open_cache(manifest)
     if store is not None and store.has(conversion_key(manifest, layout, model, target, resolved)):
         return
+    if fanin_mode():
+        return  # the fan-in restores or fails; it never starts the toolkit
     conversion.prestart_worker(conversion.make_job(model, target, resolved, layout.workdir(model["name"], target)))
 
 
@@ -140,7 +142,14 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
             record["cache"] = {"key": key, "hit": True, "stored_by": (store.meta(key) or {}).get("model")}
             files.atomic_write_json(layout.convert_record(name, target), record)
             _record_remaps(layout, name, target, resolved, record)
+            _mark_built(store, manifest, model, target, key, record, converted=False)
             return verdict_line(record, time.monotonic() - started, True), detail_lines(record)
+    if fanin_mode():
+        from pipeline.shard import cache_location
+
+        where = f"the cache at {cache_location(manifest)}" if store is not None else "any cache (none is configured)"
+        raise StageFailed(f"{name}@{target}: fan-in: this conversion is not in {where}; the shard that owned it "
+                          f"failed or did not run. Rerun that shard; the fan-in never converts")
     calibration = None
     if (model.get("quantization") or {}).get("samples"):
         from pipeline.calibration import rows_per_shape, write_dataset
@@ -158,6 +167,7 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
         raise StageFailed(str(exc)) from exc
     record = portable_record(record, model, target, resolved, layout)
     record["cache"] = {"key": key, "hit": False}
+    record.update(built_by())
     files.atomic_write_json(layout.convert_record(name, target), record)
     _portable_log(layout.log(name, target), layout.root)
     _record_remaps(layout, name, target, resolved, record)
@@ -167,7 +177,37 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
                       meta={"model": name, "target": target, "seconds": record.get("seconds")})
         except OSError as exc:  # a full or read-only cache must not fail a good build
             print(f"  warning: could not store {name}@{target} in the cache: {exc}")
+        else:
+            _mark_built(store, manifest, model, target, key, record, converted=True)
     return verdict_line(record, record.get("seconds"), False), detail_lines(record)
+
+
+def fanin_mode() -> bool:
+    import os
+
+    from pipeline.shard import FANIN_ENV
+
+    return os.environ.get(FANIN_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def built_by() -> dict:
+    """Which shard of which CI run made a conversion (None outside sharded builds); the report shows it."""
+    import os
+
+    from pipeline.shard import SHARD_ENV, run_id
+
+    label = os.environ.get(SHARD_ENV) or None
+    return {"shard": label, "run": (run_id() or None) if label else None}
+
+
+def _mark_built(store, manifest, model: dict, target: str, key: str, record: dict, converted: bool) -> None:
+    """Tell later plans that this pair is cached (see pipeline.shard); a failure only costs a rebuild there."""
+    from pipeline.shard import record_built
+
+    try:
+        record_built(store, manifest, model, target, key, record, converted)
+    except OSError as exc:
+        print(f"  warning: could not mark {model['name']}@{target} as built in the cache: {exc}")
 
 
 def portable_record(record: dict, model: dict, target: str, resolved: dict, layout) -> dict:
@@ -306,6 +346,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "shapes": _shapes(model),
         "convert_seconds": record.get("seconds"),
         "cache": record.get("cache"),
+        "shard": record.get("shard"),
         "diagnostics": [d for d in record.get("diagnostics") or [] if not d.get("benign")],
         "warnings": warnings + list(resolved.get("warnings") or []),
     }

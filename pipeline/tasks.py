@@ -104,9 +104,23 @@ def _hold_tree_lock(directory: Path) -> None:
 
 def pairs():
     manifest, layout = context()
+    chosen = _selection()
     for model in manifest.models:
         for target in model["targets"]:
-            yield model, target, layout
+            if chosen is None or (model["name"], target) in chosen:
+                yield model, target, layout
+
+
+@lru_cache(maxsize=1)
+def _selection():
+    """``doit shard=I/N`` builds its share only; ``doit fanin=1`` first checks the cache holds every pair."""
+    from pipeline import shard
+
+    manifest, _ = context()
+    try:
+        return shard.selection(manifest, *shard.current(get_var("shard"), get_var("fanin")))
+    except shard.ShardError as exc:
+        _fail_and_exit(str(exc))
 
 
 def _rewritten(model: dict, target: str, layout) -> list[str]:
