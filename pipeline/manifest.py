@@ -618,8 +618,28 @@ class _Checker:
             self.check_quantization(model, infos)
         if graph is not None and self.clean(model, "inputs", "outputs", "quantization", "mean_values", "std_values"):
             self.check_tensor_names(model, graph)
+        if (model["quantization"] or {}).get("repair") and self.clean(model, "quantization", "targets", "verify"):
+            self.check_repair(model)
         if model.get("runtime") and self.clean(model, "targets", "runtime", "allow_newer_toolkit"):
             self.check_runtime(model)
+
+    def check_repair(self, model: dict) -> None:
+        """quantization.repair needs the accuracy check, no second chooser, and float16 hybrid layers."""
+        from pipeline.repair import NO_FLOAT16_HYBRID
+
+        where = ("quantization", "repair")
+        if model["verify"] is None:
+            message = ("repair measures each rebuild with the accuracy check, which is off: add "
+                       "verify: {min_cosine: ...} (or remove verify: null)")
+            self.report.add_model(model, *where, message=message)
+        if model["quantization"].get("auto_hybrid"):
+            message = "repair and auto_hybrid both choose float layers: keep one"
+            self.report.add_model(model, *where, message=message)
+        refused = [target for target in model["targets"] if target in NO_FLOAT16_HYBRID]
+        if refused:
+            message = (f"repair keeps layers in float16, which the toolkit refuses in hybrid quantization for "
+                       f"{', '.join(refused)} (it accepts only int8/int16 there): build those targets without repair")
+            self.report.add_model(model, *where, message=message)
 
     def check_runtime(self, model: dict) -> None:
         """The boards' runtime against the toolkit that builds each target (pipeline/runtime_gate.py)."""
