@@ -369,6 +369,7 @@ def _message(error, path: tuple) -> str:
         "enum": lambda: _enum_message(path, value, rule),
         "const": lambda: f"{label} must be {rule!r}, got {_describe(value)}",
         "pattern": lambda: f"invalid {label} {value!r}: {error.schema.get('errorMessage', f'must match {rule}')}",
+        "oneOf": lambda: f"invalid {label} {value!r}: {error.schema.get('errorMessage', 'matches none of its forms')}",
         "minLength": lambda: f"{label} must not be empty",
         "maxLength": lambda: f"{label} is longer than {rule} characters",
         "minItems": lambda: f"{label} must not be empty" if rule == 1 else f"{label} needs at least {rule} items",
@@ -624,6 +625,30 @@ class _Checker:
             self.check_quantization(model, infos)
         if graph is not None and self.clean(model, "inputs", "outputs", "quantization", "mean_values", "std_values"):
             self.check_tensor_names(model, graph)
+        if model.get("runtime") and self.clean(model, "targets", "runtime", "allow_newer_toolkit"):
+            self.check_runtime(model)
+
+    def check_runtime(self, model: dict) -> None:
+        """The boards' runtime against the toolkit that builds each target (pipeline/runtime_gate.py)."""
+        from pipeline import runtime_gate
+        from pipeline.toolkit import installed_version
+
+        runtime = model["runtime"]
+        if isinstance(runtime, dict):
+            for target in runtime:
+                if target not in model["targets"]:
+                    message = (f"runtime for {target!r}, which model {model['name']!r} does not build "
+                               f"(targets: {', '.join(model['targets'])})")
+                    self.report.add_model(model, "runtime", target, message=message, key=True)
+        for target in model["targets"]:
+            declared = runtime_gate.runtime_for(model, target)
+            toolkit = runtime_gate.toolkit_for(model, target, installed_version())
+            if not declared or not toolkit:
+                continue
+            verdict = runtime_gate.check(target, toolkit, declared, bool(model.get("allow_newer_toolkit")))
+            where = ("runtime", target) if isinstance(runtime, dict) else ("runtime",)
+            for message in verdict.errors:
+                self.report.add_model(model, *where, message=message)
 
     def check_targets(self, model: dict) -> None:
         if not model["targets"]:

@@ -416,9 +416,9 @@ class Planner:
 def no_cache_message(manifest) -> str:
     from pipeline.cache import ENV_VAR
 
-    return (f"sharding needs a shared cache, and {manifest.path} configures none: set {ENV_VAR} to a directory "
-            f"every runner reaches, e.g. s3://bucket/prefix with the AWS_* variables, or a shared directory "
-            f"(or `cache: {{url: ...}}` in the manifest); the shards write their "
+    return (f"sharding needs a shared cache, and {manifest.path} configures none: set {ENV_VAR} to a URL every "
+            f"runner reaches, s3://bucket/prefix (with the AWS_* variables) or a shared directory, or give "
+            f"`cache: {{url: ...}}` in the manifest. The shards write their "
             f"conversions there and the fan-in reads them")
 
 

@@ -174,7 +174,8 @@ def convert_key(model: dict, target: str, base: Path) -> dict:
 
 def export_key(model: dict, target: str) -> dict:
     return {"format": PIPELINE_FORMAT, "cpu_fallback": model.get("cpu_fallback", "warn"),
-            "verify": model.get("verify")}
+            "verify": model.get("verify"), "runtime": model.get("runtime"),
+            "allow_newer_toolkit": model.get("allow_newer_toolkit")}
 
 
 # -- actions (module level: picklable for doit -n N) --------------------------

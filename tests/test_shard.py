@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -246,3 +247,50 @@ def test_doit_fanin_names_missing_pairs_before_any_work(tmp_path):
     assert proc.returncode == 1 and "fan-in: 4 of 4" in proc.stderr
     proc = doit(root, "fanin=1", "shard=1/2", env={"RKNN_PIPELINE_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 1 and "exclude each other" in proc.stderr
+
+
+# -- python -m pipeline.ci plan ----------------------------------------------
+
+def plan(root, *args, env=None):
+    import os
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("RKNN_PIPELINE", "CI_NODE"))}
+    environ.update(env or {})
+    return subprocess.run([sys.executable, "-m", "pipeline.ci", "plan", *args], cwd=root, env=environ,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_plan_without_cache_explains(tmp_path):
+    proc = plan(checkout(tmp_path / "a"))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "sharding needs a shared cache" in proc.stderr and "RKNN_PIPELINE_CACHE" in proc.stderr
+
+
+def test_plan_matrix_and_empty_matrix_when_all_cached(tmp_path):
+    root = checkout(tmp_path / "a")
+    env = {"RKNN_PIPELINE_CACHE": str(tmp_path / "cache")}
+    proc = plan(root, "--shards", "2", env=env)
+    assert proc.returncode == 0, proc.stderr
+    matrix = json.loads(proc.stdout)
+    assert [e["shard"] for e in matrix["include"]] == ["1/2", "2/2"]
+    assert sum(e["pairs"] for e in matrix["include"]) == 4
+    bundled = json.loads(plan(root, env=env).stdout)["include"]
+    assert len(bundled) == 1 and bundled[0]["pairs"] == 4  # four small pairs: one runner is enough
+    manifest = load_manifest(root / "models.yaml")
+    store = LocalStore(tmp_path / "cache")
+    for model in manifest.models:
+        for target in model["targets"]:
+            shard.record_built(store, manifest, model, target, "4" * 64, {"seconds": 1.0}, True)
+    proc = plan(root, env=env)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"include": []}
+    assert "all 4 pair(s) are cached; no shard to run" in proc.stderr
+
+
+def test_plan_never_exceeds_the_matrix_limit(tmp_path):
+    models = "".join(f"  - name: m{i}\n    source: m/shuffle.onnx\n    targets: [rk3588, rk3576, rk3566]\n"
+                     f"    inputs: {{ gpu_0/data_0: [1, 3, 224, 224] }}\n" for i in range(100))
+    root = checkout(tmp_path / "a", "version: 1\nmodels:\n" + models)
+    proc = plan(root, "--shard-seconds", "0.01", env={"RKNN_PIPELINE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    matrix = json.loads(proc.stdout)["include"]
+    assert len(matrix) == 256 and sum(e["pairs"] for e in matrix) == 300
