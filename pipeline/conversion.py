@@ -494,7 +494,7 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
     from pipeline import diagnostics
 
     log_path = workdir / "convert.log"
-    result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
+    result, tries = _run_with_retries(model, target, job, log_path)
     log_text = log_path.read_text(errors="replace")
     layers = parse_layer_table(log_text)
     record = {
@@ -510,6 +510,8 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
         "placement": summarize(layers) if layers else None,
         "diagnostics": reconcile(diagnostics.explain_log(log_text), result, layers),
     }
+    if tries > 1:
+        record["attempts"] = tries
     partial = Path(job["rknn_path"])
     verify = result.get("verify")
     analysis = _record_accuracy(result.get("accuracy"), workdir, record)
@@ -532,6 +534,25 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
     files.atomic_write_json(workdir / "convert.json", record)
     os.replace(partial, final_rknn)
     return record
+
+
+def _run_with_retries(model: dict, target: str, job: dict, log_path: Path) -> tuple[dict, int]:
+    """The worker's result, tried again after a crash where the toolkit is known to crash intermittently.
+
+    ``platforms.UNSTABLE`` lists those builds (w8a16 on rk3562); anywhere else a crash is final,
+    since retrying a deterministic abort only wastes minutes.
+    """
+    from pipeline import platforms
+
+    allowed = platforms.attempts(target, model)
+    for attempt in range(1, allowed + 1):
+        result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
+        crash = _crash_signal(result)
+        if crash is None or attempt == allowed:
+            return result, attempt
+        print(f"{model['name']}@{target}: the toolkit crashed ({crash.name}), which this build does in some "
+              f"runs (pipeline/platforms.py UNSTABLE); try {attempt + 1} of {allowed}", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 def _record_accuracy(analysis: dict | None, workdir: Path, record: dict) -> dict | None:

@@ -518,6 +518,10 @@ def _effective_model(index: int, raw: dict, defaults: dict, directory: Path) -> 
         model["source"] = _absolute(directory, model["source"])
     model["quantization"] = _effective_quantization(model["quantization"], directory)
     model["shape_sets"] = shape_sets.shape_sets(model["inputs"])
+    if model["verify"] is True:  # "verify: true" means the defaults: block's settings, else the schema's
+        model["verify"] = _clone(defaults.get("verify")) if isinstance(defaults.get("verify"), dict) else {}
+    elif model["verify"] is False:
+        model["verify"] = None
     if isinstance(model["verify"], dict):
         model["verify"] = {**_schema_defaults("verify"), **model["verify"]}
     for override in model["overrides"] if isinstance(model["overrides"], list) else ():
@@ -596,6 +600,13 @@ class _Checker:
                 message = f"duplicate model name {name!r} (first used at line {line})"
                 self.report.add_model(model, "name", message=message)
             first.setdefault(name, model["index"])
+        from .layout import Layout
+
+        for model in self.models:  # build/<name>/ must not be a file the build writes there itself
+            if model["name"] in Layout.BUILD_FILES:
+                message = (f"model name {model['name']!r} is reserved: the build writes build/{model['name']} "
+                           f"itself (reserved under build/: {', '.join(Layout.BUILD_FILES)}); rename the model")
+                self.report.add_model(model, "name", message=message)
         for model in self.models:  # a bucket is named <name>.<dims>: it must not clash either
             if not isinstance(model["name"], str) or shape_sets.mode(model) != "buckets":
                 continue
