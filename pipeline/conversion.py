@@ -473,6 +473,9 @@ def convert(model: dict, target: str, resolved: dict, workdir: Path, calibration
     workdir.mkdir(parents=True, exist_ok=True)
     final_rknn = workdir / "model.rknn"
     final_rknn.unlink(missing_ok=True)
+    from pipeline.layout import ACCURACY_FILE
+
+    (workdir / ACCURACY_FILE).unlink(missing_ok=True)  # an analysis from an earlier build would mislead
     files.remove_partials(workdir)  # left by a worker killed with its parent in an earlier run
     job = make_job(model, target, resolved, workdir, calibration)
     partial = Path(job["rknn_path"])
@@ -509,11 +512,15 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
     }
     partial = Path(job["rknn_path"])
     verify = result.get("verify")
+    analysis = _record_accuracy(result.get("accuracy"), workdir, record)
     if result.get("ok") and verify and not verify.get("passed"):
+        from pipeline.accuracy import failure_lines
+
         worst = min(verify.get("outputs") or [{"cosine": float("nan")}], key=lambda o: o["cosine"])
+        message = (f"accuracy check failed: cosine {worst['cosine']:.4f} on output "
+                   f"'{worst.get('name')}' is below min_cosine {verify.get('min_cosine')}")
         result.update(ok=False, step="verify",
-                      error=f"accuracy check failed: cosine {worst['cosine']:.4f} on output "
-                            f"'{worst.get('name')}' is below min_cosine {verify.get('min_cosine')}")
+                      error="\n  ".join([message, *failure_lines(analysis)]))
     if not result.get("ok") or not partial.exists():
         partial.unlink(missing_ok=True)
         record["error"] = result.get("error") or "the toolkit produced no model"
@@ -525,6 +532,20 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
     files.atomic_write_json(workdir / "convert.json", record)
     os.replace(partial, final_rknn)
     return record
+
+
+def _record_accuracy(analysis: dict | None, workdir: Path, record: dict) -> dict | None:
+    """Write the worker's per-layer analysis to accuracy.json and its summary into ``record``."""
+    from pipeline.layout import ACCURACY_FILE
+
+    if not analysis:
+        return None
+    if analysis.get("error"):
+        record["accuracy"] = {"error": analysis["error"], "why": analysis.get("why")}
+    else:
+        files.atomic_write_json(workdir / ACCURACY_FILE, analysis)
+        record["accuracy"] = {"file": ACCURACY_FILE, "why": analysis.get("why"), "worst": analysis.get("worst")}
+    return analysis
 
 
 def reconcile(items: list[dict], result: dict, layers: list[dict]) -> list[dict]:

@@ -15,6 +15,7 @@ from pipeline import files
 
 SIDECAR_FORMAT = 1
 CACHED_FILES = ("model.rknn", "convert.json", "placement.json", "convert.log")
+OPTIONAL_CACHED_FILES = ("accuracy.json",)  # the per-layer analysis, when verify.layers asked for one
 
 
 class StageFailed(RuntimeError):
@@ -134,6 +135,7 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     store = open_cache(manifest)
     started = time.monotonic()
     if store is not None:
+        layout.accuracy(name, target).unlink(missing_ok=True)  # only a restored entry's own analysis may stay
         restored = store.get(key, workdir)
         if restored is not None and set(CACHED_FILES) <= set(restored):
             # The entry may come from another model with the same settings, in another checkout.
@@ -173,7 +175,8 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     _record_remaps(layout, name, target, resolved, record)
     if store is not None:
         try:
-            store.put(key, {f: workdir / f for f in CACHED_FILES},
+            optional = [f for f in OPTIONAL_CACHED_FILES if (workdir / f).exists()]
+            store.put(key, {f: workdir / f for f in (*CACHED_FILES, *optional)},
                       meta={"model": name, "target": target, "seconds": record.get("seconds")})
         except OSError as exc:  # a full or read-only cache must not fail a good build
             print(f"  warning: could not store {name}@{target} in the cache: {exc}")
@@ -343,6 +346,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "placement": record.get("placement"),
         "predicted_vs_actual": predicted_vs_actual(analysis, layers, resolved),
         "verify": record.get("verify"),
+        "accuracy": record.get("accuracy"),
         "shapes": _shapes(model),
         "convert_seconds": record.get("seconds"),
         "cache": record.get("cache"),

@@ -30,8 +30,9 @@ from pipeline import __version__, files
 from pipeline.layout import Layout
 
 DOIT_CONFIG = {
-    # dbm cannot be shared between processes; sqlite3 can (doit -n N, concurrent readers).
-    "backend": "sqlite3",
+    # dbm cannot be shared between processes; sqlite3 can (doit -n N, concurrent readers). This one
+    # creates .doit.db on first use, so a refused manifest leaves nothing (pipeline/doit_backend.py).
+    "backend": "rknn-sqlite3",
     "dep_file": ".doit.db",
     "default_tasks": ["analyze", "resolve", "convert", "export", "lock", "report"],
     "verbosity": 2,
