@@ -117,6 +117,13 @@ def dataset_file(model: dict) -> str | None:
     return dataset if isinstance(dataset, str) else None
 
 
+def _toolkit_version(model: dict, target: str) -> str | None:
+    """The rknn-toolkit2 version this conversion asks for (None: the installed one)."""
+    from pipeline.runtime_gate import toolkit_for
+
+    return toolkit_for(model, target, None)
+
+
 def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibration=None) -> dict:
     """The worker's job document (plain JSON).
 
@@ -134,6 +141,7 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
         args["build"]["dataset"], samples = str(calibration["dataset"]), calibration["rows"]
     return {
         "model": model["name"],
+        "toolkit_version": _toolkit_version(model, target),
         "target": target,
         "onnx": onnx_path,
         "config": args["config"],
@@ -163,7 +171,15 @@ def worker_python(job: dict | None = None) -> str:
     The job is passed so that a job can name its own toolkit environment; a
     zygote is kept per interpreter.
     """
-    return os.environ.get("RKNN_PIPELINE_WORKER_PYTHON") or sys.executable
+    override = os.environ.get("RKNN_PIPELINE_WORKER_PYTHON")
+    if override:
+        return override
+    from pipeline.toolkit_envs import ToolkitEnvError, python_for
+
+    try:
+        return python_for((job or {}).get("toolkit_version"))
+    except ToolkitEnvError as exc:
+        raise ConversionFailed(str(exc)) from exc
 
 
 WORKER_MODES = ("fork", "fresh")
@@ -273,7 +289,9 @@ class _Standby:
     def spawn(cls, python: str, build_dir: Path) -> subprocess.Popen:
         from pipeline.zygote import die_with_parent
 
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        from pipeline.toolkit_envs import worker_environment
+
+        env = worker_environment(python)
         return subprocess.Popen([python, "-m", "pipeline.worker", "--standby", str(build_dir)],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=env, start_new_session=True, preexec_fn=die_with_parent)

@@ -636,8 +636,29 @@ class _Checker:
             self.check_quantization(model, infos)
         if graph is not None and self.clean(model, "inputs", "outputs", "quantization", "mean_values", "std_values"):
             self.check_tensor_names(model, graph)
-        if model.get("runtime") and self.clean(model, "targets", "runtime", "allow_newer_toolkit"):
+        if model.get("toolkit") and self.clean(model, "targets", "toolkit"):
+            self.check_toolkit(model)
+        if model.get("runtime") and self.clean(model, "targets", "runtime", "allow_newer_toolkit", "toolkit"):
             self.check_runtime(model)
+
+    def check_toolkit(self, model: dict) -> None:
+        """A per-model toolkit must be one PyPI has for this Python (or the installed one), for a built target."""
+        from pipeline import runtime_gate
+        from pipeline.toolkit import installed_version
+
+        chosen = model["toolkit"]
+        by_target = chosen if isinstance(chosen, dict) else {None: chosen}
+        available = runtime_gate.rules()["pypi_toolkits"]["versions"]
+        for target, version in by_target.items():
+            where = ("toolkit", target) if target else ("toolkit",)
+            if target and target not in model["targets"]:
+                message = (f"toolkit for {target!r}, which model {model['name']!r} does not build "
+                           f"(targets: {', '.join(model['targets'])})")
+                self.report.add_model(model, *where, message=message, key=True)
+            elif version not in available and version != installed_version():
+                message = (f"rknn-toolkit2 {version} is not on PyPI for this Python and platform (available: "
+                           f"{', '.join(available)})")
+                self.report.add_model(model, *where, message=message)
 
     def check_runtime(self, model: dict) -> None:
         """The boards' runtime against the toolkit that builds each target (pipeline/runtime_gate.py)."""
