@@ -119,6 +119,13 @@ def dataset_file(model: dict) -> str | None:
     return dataset if isinstance(dataset, str) else None
 
 
+def _toolkit_version(model: dict, target: str) -> str | None:
+    """The rknn-toolkit2 version this conversion asks for (None: the installed one)."""
+    from pipeline.runtime_gate import toolkit_for
+
+    return toolkit_for(model, target, None)
+
+
 def make_job(model: dict, target: str, resolved: dict, pair: PairLayout | Path, calibration=None) -> dict:
     """The worker's job document (plain JSON); ``pair`` says where its files go.
 
@@ -137,6 +144,7 @@ def make_job(model: dict, target: str, resolved: dict, pair: PairLayout | Path, 
         args["build"]["dataset"], samples = str(calibration["dataset"]), calibration["rows"]
     return {
         "model": model["name"],
+        "toolkit_version": _toolkit_version(model, target),
         "target": target,
         "onnx": onnx_path,
         "config": args["config"],
@@ -167,7 +175,15 @@ def worker_python(job: dict | None = None) -> str:
     The job is passed so that a job can name its own toolkit environment; a
     zygote is kept per interpreter.
     """
-    return os.environ.get("RKNN_PIPELINE_WORKER_PYTHON") or sys.executable
+    override = os.environ.get("RKNN_PIPELINE_WORKER_PYTHON")
+    if override:
+        return override
+    from pipeline.toolkit_envs import ToolkitEnvError, python_for
+
+    try:
+        return python_for((job or {}).get("toolkit_version"))
+    except ToolkitEnvError as exc:
+        raise ConversionFailed(str(exc)) from exc
 
 
 WORKER_MODES = ("fork", "fresh")
@@ -277,7 +293,9 @@ class _Standby:
     def spawn(cls, python: str, build_dir: Path) -> subprocess.Popen:
         from pipeline.zygote import die_with_parent
 
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        from pipeline.toolkit_envs import worker_environment
+
+        env = worker_environment(python)
         return subprocess.Popen([python, "-m", "pipeline.worker", "--standby", str(build_dir)],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=env, start_new_session=True, preexec_fn=die_with_parent)
@@ -496,7 +514,7 @@ def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> di
     from pipeline import diagnostics
 
     log_path = pair.log
-    result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
+    result, tries = _run_with_retries(model, target, job, log_path)
     log_text = log_path.read_text(errors="replace")
     layers = parse_layer_table(log_text)
     record = {
@@ -512,6 +530,8 @@ def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> di
         "placement": summarize(layers) if layers else None,
         "diagnostics": reconcile(diagnostics.explain_log(log_text), result, layers),
     }
+    if tries > 1:
+        record["attempts"] = tries
     partial = Path(job["rknn_path"])
     verify = result.get("verify")
     analysis = _record_accuracy(result.get("accuracy"), pair, record)
@@ -534,6 +554,25 @@ def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> di
     files.atomic_write_json(pair.convert_record, record)
     os.replace(partial, pair.rknn)
     return record
+
+
+def _run_with_retries(model: dict, target: str, job: dict, log_path: Path) -> tuple[dict, int]:
+    """The worker's result, tried again after a crash where the toolkit is known to crash intermittently.
+
+    ``platforms.UNSTABLE`` lists those builds (w8a16 on rk3562); anywhere else a crash is final,
+    since retrying a deterministic abort only wastes minutes.
+    """
+    from pipeline import platforms
+
+    allowed = platforms.attempts(target, model)
+    for attempt in range(1, allowed + 1):
+        result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
+        crash = _crash_signal(result)
+        if crash is None or attempt == allowed:
+            return result, attempt
+        print(f"{model['name']}@{target}: the toolkit crashed ({crash.name}), which this build does in some "
+              f"runs (pipeline/platforms.py UNSTABLE); try {attempt + 1} of {allowed}", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 def _record_accuracy(analysis: dict | None, pair: PairLayout, record: dict) -> dict | None:

@@ -122,6 +122,11 @@ class PairLayout:
 class Layout:
     """Where the whole project's artifacts live: ``build/`` per pair (:class:`PairLayout`) and ``dist/``."""
 
+    # Files the build writes directly under build/ (beside the per-model directories) and dist/
+    # (beside the per-target ones): a model or target with one of these names would collide.
+    BUILD_FILES = ("report.html", "report.md")
+    DIST_FILES = ("models.lock.json",)
+
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self.build = self.root / "build"
@@ -184,10 +189,10 @@ class Layout:
         return self._inside(self.dist, target, f"{name}.json")
 
     def lock_file(self) -> Path:
-        return self.dist / "models.lock.json"
+        return self.dist / self.DIST_FILES[0]
 
     def report_html(self) -> Path:
-        return self.build / "report.html"
+        return self.build / self.BUILD_FILES[0]
 
     def report_md(self) -> Path:
-        return self.build / "report.md"
+        return self.build / self.BUILD_FILES[1]

@@ -510,6 +510,10 @@ def _effective_model(index: int, raw: dict, defaults: dict, directory: Path) -> 
         model["source"] = _absolute(directory, model["source"])
     model["quantization"] = _effective_quantization(model["quantization"], directory)
     model["shape_sets"] = shape_sets.shape_sets(model["inputs"])
+    if model["verify"] is True:  # "verify: true" means the defaults: block's settings, else the schema's
+        model["verify"] = _clone(defaults.get("verify")) if isinstance(defaults.get("verify"), dict) else {}
+    elif model["verify"] is False:
+        model["verify"] = None
     if isinstance(model["verify"], dict):
         model["verify"] = {**_schema_defaults("verify"), **model["verify"]}
     for override in model["overrides"] if isinstance(model["overrides"], list) else ():
@@ -588,6 +592,13 @@ class _Checker:
                 message = f"duplicate model name {name!r} (first used at line {line})"
                 self.report.add_model(model, "name", message=message)
             first.setdefault(name, model["index"])
+        from .layout import Layout
+
+        for model in self.models:  # build/<name>/ must not be a file the build writes there itself
+            if model["name"] in Layout.BUILD_FILES:
+                message = (f"model name {model['name']!r} is reserved: the build writes build/{model['name']} "
+                           f"itself (reserved under build/: {', '.join(Layout.BUILD_FILES)}); rename the model")
+                self.report.add_model(model, "name", message=message)
         for model in self.models:  # a bucket is named <name>.<dims>: it must not clash either
             if not isinstance(model["name"], str) or shape_sets.mode(model) != "buckets":
                 continue
@@ -617,8 +628,29 @@ class _Checker:
             self.check_quantization(model, infos)
         if graph is not None and self.clean(model, "inputs", "outputs", "quantization", "mean_values", "std_values"):
             self.check_tensor_names(model, graph)
-        if model.get("runtime") and self.clean(model, "targets", "runtime", "allow_newer_toolkit"):
+        if model.get("toolkit") and self.clean(model, "targets", "toolkit"):
+            self.check_toolkit(model)
+        if model.get("runtime") and self.clean(model, "targets", "runtime", "allow_newer_toolkit", "toolkit"):
             self.check_runtime(model)
+
+    def check_toolkit(self, model: dict) -> None:
+        """A per-model toolkit must be one PyPI has for this Python (or the installed one), for a built target."""
+        from pipeline import runtime_gate
+        from pipeline.toolkit import installed_version
+
+        chosen = model["toolkit"]
+        by_target = chosen if isinstance(chosen, dict) else {None: chosen}
+        available = runtime_gate.rules()["pypi_toolkits"]["versions"]
+        for target, version in by_target.items():
+            where = ("toolkit", target) if target else ("toolkit",)
+            if target and target not in model["targets"]:
+                message = (f"toolkit for {target!r}, which model {model['name']!r} does not build "
+                           f"(targets: {', '.join(model['targets'])})")
+                self.report.add_model(model, *where, message=message, key=True)
+            elif version not in available and version != installed_version():
+                message = (f"rknn-toolkit2 {version} is not on PyPI for this Python and platform (available: "
+                           f"{', '.join(available)})")
+                self.report.add_model(model, *where, message=message)
 
     def check_runtime(self, model: dict) -> None:
         """The boards' runtime against the toolkit that builds each target (pipeline/runtime_gate.py)."""

@@ -98,6 +98,20 @@ def _how_to_use(version: str) -> str:
     return f"uv add rknn-toolkit2=={version} in a checkout for these boards, with the manifest's toolkit: \"{version}\""
 
 
+def facts_markdown() -> str:
+    """The gate's facts as the README's table (a test keeps the README equal to this)."""
+    data = rules()
+    rows = [f"| {', '.join(row['targets'])} | rknn-toolkit2 {row['toolkits']} writes file format "
+            f"{row['file_format']:#x} | {row['source']} |" for row in data["file_formats"]]
+    rows += [f"| all | file format {row['file_format']:#x} needs librknnrt >= {row['runtime']} | {row['source']} |"
+             for row in data["format_minimum_runtime"]]
+    rows.append(f"| all | a toolkit newer than the runtime may build operators the runtime lacks | "
+                f"{data['newer_toolkit']['source']} |")
+    rows.append(f"| all | rknn-toolkit2 on PyPI for CPython 3.11, x86_64: "
+                f"{', '.join(data['pypi_toolkits']['versions'])} | {data['pypi_toolkits']['source']} |")
+    return "\n".join(["| targets | fact | source |", "| --- | --- | --- |", *rows])
+
+
 def runtime_for(model: dict, target: str) -> str | None:
     """The runtime a model declares for ``target`` (a string for every target, or a mapping)."""
     runtime = model.get("runtime")

@@ -21,11 +21,16 @@ class StageFailed(PipelineError, RuntimeError):
     """A stage refused or failed; the message names model, target and cause."""
 
 
-def versions() -> dict:
-    """Versions that can change a conversion's result (recorded in every sidecar), and this package's."""
-    from pipeline.identity import versions as conversion_versions
+def versions(model: dict | None = None, target: str | None = None) -> dict:
+    """Versions that ran a conversion (recorded in every sidecar), and this package's: the project's
+    environment, or the environment of the toolkit version the model asked for."""
+    from pipeline import toolkit_envs
+    from pipeline.identity import versions as project_versions
+    from pipeline.runtime_gate import toolkit_for
 
-    found = conversion_versions()
+    version = toolkit_for(model, target, None) if model else None
+    found = (toolkit_envs.uses_own_environment(version) and toolkit_envs.environment_versions(version)) or \
+        project_versions()
     try:
         found["rknn-pipeline"] = metadata.version("rknn-pipeline")
     except metadata.PackageNotFoundError:
@@ -334,7 +339,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "status": "ok",
         "rknn": {"file": f"{name}.rknn", "sha256": file_sha256(rknn), "size": rknn.stat().st_size},
         "inputs": input_hashes(manifest, model, resolved),
-        "versions": versions(),
+        "versions": versions(model, target),
         "built_with": built,
         "runtime": runtime or None,
         "arguments": portable(record["arguments"], layout.root),

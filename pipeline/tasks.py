@@ -169,6 +169,7 @@ def convert_key(model: dict, target: str, base: Path) -> dict:
     args = recorded_arguments(model, target, base)
     quant = model.get("quantization") or {}
     return {"format": PIPELINE_FORMAT, "versions": versions(), "code": code_digest(), "arguments": args,
+            "toolkit": model.get("toolkit"),
             "hybrid": quant.get("hybrid"), "verify": model.get("verify")}
 
 
