@@ -12,16 +12,17 @@ optimised graph exists (see :func:`pipeline.worker._remap_op_target`).
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections import defaultdict
 from pathlib import Path
+from pipeline.errors import PipelineError
+from pipeline.names import nearest
 
 RESOLUTION_FORMAT = 1
 ACTIONS = ("npu", "cpu", "rewrite")
 
 
-class ResolutionError(ValueError):
+class ResolutionError(PipelineError, ValueError):
     """An override cannot be applied as written; the message says where and what to change."""
 
 
@@ -75,7 +76,7 @@ def nearest_candidates(nodes: list[dict], match: dict, limit: int = 5) -> str:
     hints = []
     if "op_type" in match:
         present = sorted({n["op_type"] for n in nodes})
-        close = difflib.get_close_matches(match["op_type"], present, n=3)
+        close = nearest(match["op_type"], present, 3)
         hints.append(f"op types here: {', '.join(close or present[:12])}")
         same_op = [n for n in nodes if n["op_type"] == match["op_type"]]
         for key in match.get("attrs") or {}:
@@ -84,12 +85,10 @@ def nearest_candidates(nodes: list[dict], match: dict, limit: int = 5) -> str:
                 hints.append(f"{match['op_type']}.{key} values here: {', '.join(values)}")
     if "node" in match:
         names = [n["name"] for n in nodes if n["name"]]
-        hints.append("nearest nodes: " + ", ".join(difflib.get_close_matches(match["node"], names, n=limit, cutoff=0.3)
-                                                   or names[:limit]))
+        hints.append("nearest nodes: " + ", ".join(nearest(match["node"], names, limit, 0.3, fallback=True)))
     if "tensor" in match:
         outs = [o for n in nodes for o in n["outputs"]]
-        hints.append("nearest tensors: " + ", ".join(difflib.get_close_matches(match["tensor"], outs, n=limit, cutoff=0.3)
-                                                     or outs[:limit]))
+        hints.append("nearest tensors: " + ", ".join(nearest(match["tensor"], outs, limit, 0.3, fallback=True)))
     return "; ".join(hints) or "the selector is empty"
 
 
@@ -131,8 +130,8 @@ def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict 
         analysis: the document from :func:`pipeline.analysis.analyze` for this model x target.
         rules: the placement rules, for the cpu/npu checks.
         locations: override index -> ``"PATH:LINE:COL"``, used in error messages only.
-        workdir: where a rewritten ONNX is written (``rewritten.onnx``); required when an
-            override uses ``action: rewrite``.
+        workdir: the pair's :class:`pipeline.layout.PairLayout` (or its directory): where a
+            rewritten ONNX is written; required when an override uses ``action: rewrite``.
     Returns:
         The ``resolved.json`` document.
     Raises:
@@ -187,7 +186,7 @@ def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict 
     if rewrite_nodes:
         if workdir is None:
             raise ResolutionError("internal: rewrite needs a working directory")
-        converted, rewrites = _rewrite(model, rewrite_nodes, Path(workdir))
+        converted, rewrites = _rewrite(model, rewrite_nodes, workdir)
     return {
         "format": RESOLUTION_FORMAT,
         "model": model["name"],
@@ -202,16 +201,61 @@ def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict 
     }
 
 
+def selector_problems(model: dict, nodes: list[dict]) -> list[tuple[int, tuple, str]]:
+    """Everything :func:`resolve` would refuse on any of the model's targets, from the graph alone.
+
+    The manifest loader calls this with the memoised node facts, so a selector typo in
+    the tenth model fails the build before the first conversion starts. Returns
+    ``(override index, path inside that override, message)`` triples, each once.
+    """
+    overrides = model.get("overrides") or []
+    selected: dict[int, list[dict]] = {}
+    problems: list[tuple[int, tuple, str]] = []
+    for index, override in enumerate(overrides):
+        found, _ = select_nodes(nodes, override["match"])
+        if found:
+            selected[index] = found
+        else:
+            problems.append((index, ("match",), f"override matches no node of '{model['name']}' "
+                             f"({_describe(override['match'])}); {nearest_candidates(nodes, override['match'])}"))
+    rules = None
+    if any(overrides[index]["action"] == "cpu" for index in selected):
+        from pipeline.placement_rules import Rules
+
+        rules = Rules.load()
+    for target in model.get("targets") or ():
+        chosen: dict[int, tuple[str, int]] = {}
+        for index, found in selected.items():
+            override = overrides[index]
+            if not override_applies(override, target):
+                continue
+            action = override["action"]
+            for node in found:
+                earlier = chosen.get(node["index"])
+                try:
+                    if earlier and earlier[0] != action:
+                        raise ResolutionError(f"node '{node['name']}' is also selected by overrides[{earlier[1]}] "
+                                              f"with action {earlier[0]}; make the selectors disjoint")
+                    _check_action(action, node, target, rules, "")  # rules: loaded when an action is cpu
+                except ResolutionError as error:
+                    problem = (index, ("action",), str(error).removeprefix(": "))
+                    if problem not in problems:
+                        problems.append(problem)
+                chosen[node["index"]] = (action, index)
+    return problems
+
+
 def _describe(match: dict) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in match.items())
 
 
-def _rewrite(model: dict, node_names: list[str], workdir: Path) -> tuple[str, list[dict]]:
+def _rewrite(model: dict, node_names: list[str], workdir) -> tuple[str, list[dict]]:
     """Write ``rewritten.onnx`` with every named AveragePool replaced by its exact NPU form."""
     import onnx
 
     from pipeline import files
     from pipeline.analysis import fix_input_shapes
+    from pipeline.layout import PairLayout
     from pipeline.rewrite import RewriteError, rewrite_average_pools
 
     source = onnx.load(model["source"])
@@ -220,7 +264,7 @@ def _rewrite(model: dict, node_names: list[str], workdir: Path) -> tuple[str, li
         rewritten, records = rewrite_average_pools(source, node_names)
     except RewriteError as exc:
         raise ResolutionError(f"{model['name']}: rewrite failed: {exc}") from exc
-    path = workdir / "rewritten.onnx"
+    path = PairLayout.of(workdir).rewritten_onnx
     files.atomic_write_bytes(path, rewritten.SerializeToString())
     return str(path), records
 

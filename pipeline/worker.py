@@ -80,9 +80,9 @@ def _add_custom_hybrid_layers(cfg: Path, ranges: list[dict], extra_float: list[s
     manifest's ranges did not already say otherwise; names the toolkit does
     not quantize are skipped. Returns the ``custom_quantize_layers`` written.
     """
-    import difflib
-
     import yaml
+
+    from pipeline.names import nearest
 
     data = yaml.safe_load(cfg.read_text()) or {}
     order = list((data.get("quantize_parameters") or {}).keys())
@@ -91,7 +91,7 @@ def _add_custom_hybrid_layers(cfg: Path, ranges: list[dict], extra_float: list[s
         ends = [item.get("start"), item.get("end") or item.get("start")]
         for name in ends:
             if name not in order:
-                near = ", ".join(difflib.get_close_matches(name or "", order, n=5, cutoff=0.3) or order[:5])
+                near = ", ".join(nearest(name, order, 5, 0.3, fallback=True))
                 raise ValueError(f"quantization.hybrid.custom_layers: '{name}' is not a tensor the toolkit "
                                  f"quantizes (nearest: {near})")
         first, last = sorted(order.index(name) for name in ends)
