@@ -368,6 +368,7 @@ def _message(error, path: tuple) -> str:
         "minProperties": lambda: _min_properties_message(label, error.schema),
         "minimum": lambda: f"{label} must be at least {rule}, got {value!r}",
         "maximum": lambda: f"{label} must be at most {rule}, got {value!r}",
+        "exclusiveMinimum": lambda: f"{label} must be above {rule}, got {value!r}",
     }
     make = messages.get(error.validator)
     return make() if make else f"{label}: {error.message}"
@@ -628,7 +629,8 @@ class _Checker:
             self.check_quantization(model, infos)
         if graph is not None and self.clean(model, "inputs", "outputs", "quantization", "mean_values", "std_values"):
             self.check_tensor_names(model, graph)
-        if (model["quantization"] or {}).get("repair") and self.clean(model, "quantization", "targets", "verify"):
+        if (self.clean(model, "quantization", "targets", "verify") and isinstance(model["quantization"], dict)
+                and model["quantization"].get("repair")):
             self.check_repair(model)
         if model.get("toolkit") and self.clean(model, "targets", "toolkit"):
             self.check_toolkit(model)
