@@ -312,7 +312,10 @@ def placement_check(model: dict, target: str, record: dict, resolved: dict, rule
     warning under every policy: the model builds but fails on the board.
     """
     policy = model.get("cpu_fallback", "warn")
-    requested = {item["node"] for item in (resolved.get("explanations") or {}).values() if item["action"] == "cpu"}
+    from pipeline.actions import ACTIONS
+
+    requested = {item["node"] for item in (resolved.get("explanations") or {}).values()
+                 if ACTIONS[item["action"]].expected_on == "cpu"}
     cpu_layers = (record.get("placement") or {}).get("cpu_layers") or []
     unexpected = [layer for layer in cpu_layers if layer.get("node") not in requested]
     warnings, errors = [], []

@@ -126,9 +126,10 @@ def _selection():
 
 def _rewritten(model: dict, target: str, layout) -> list[str]:
     """``rewritten.onnx`` when an override rewrites nodes on this target (resolve makes it, convert reads it)."""
+    from pipeline.actions import ACTIONS
     from pipeline.resolution import override_applies
 
-    if any(o["action"] == "rewrite" and override_applies(o, target) for o in model.get("overrides") or []):
+    if any(ACTIONS[o["action"]].rewrites and override_applies(o, target) for o in model.get("overrides") or []):
         return [str(layout.rewritten_onnx(model["name"], target))]
     return []
 
