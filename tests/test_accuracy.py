@@ -269,3 +269,20 @@ def test_the_repaired_example_records_its_choice_and_a_rebuild_reuses_it(tmp_pat
     record = json.loads((pair / "convert.json").read_text())
     assert record["repair"]["reused"] and record["repair"]["attempts"] == [] and record["verify"]["passed"]
     assert "(choice reused)" in second.stdout
+
+
+def test_the_report_draws_each_analysed_layer_and_the_repair():
+    from pipeline import report
+
+    layers = accuracy.name_layers(accuracy.parse_error_analysis(FIXTURE.read_text()), PRODUCERS)
+    records = [{"model": "outlier", "target": "rk3588", "status": "ok", "accuracy_layers": layers,
+                "verify": {"min_cosine": 0.99, "passed": True, "outputs": [{"cosine": 0.9999}]},
+                "repair": {"float_layers": ["conv2", "conv1"], "cosine_before": 0.6121, "cosine_after": 0.9999}},
+               {"model": "plain", "target": "rk3588", "status": "ok"}]
+    summary = report.build_report(records)
+    page = report.render_html(summary)
+    assert page.count('<g class="layer"') == 4  # relu0, relu1, relu2, conv3: the layers with a measured cosine
+    assert 'data-single="0.56433"' in page and "relu2 (Relu)" in page
+    text = report.render_markdown(summary)
+    assert "## Per-layer accuracy" in text and "relu2 (Relu): single cos 0.5643, entire cos 0.5643" in text
+    assert "pass (repaired: 2 float layers, cos 0.6121 -\\> 0.9999)" in text  # ">" escaped for Markdown
