@@ -36,6 +36,8 @@ DOIT_CONFIG = {
     "dep_file": ".doit.db",
     "default_tasks": ["analyze", "resolve", "convert", "export", "lock", "report"],
     "verbosity": 2,
+    # one line per conversion with progress, one summary line; `--reporter console` is doit's own
+    "reporter": "rknn",
 }
 
 PIPELINE_FORMAT = 1  # bump when an artifact's meaning changes: invalidates caches and tasks
