@@ -48,6 +48,7 @@ class Resolution(TypedDict, total=False):
     warnings: list[str]
     remaps: list[dict]  # added after conversion: keys the toolkit renamed
     op_target_used: dict[str, str]
+    repair: dict  # a repair's choice of float layers, with the key it was searched for
 
 
 class ConvertRecord(TypedDict, total=False):
@@ -67,6 +68,7 @@ class ConvertRecord(TypedDict, total=False):
     diagnostics: list[dict]
     accuracy: dict
     cache: dict
+    repair: dict
     error: str
     step: str | None
 
