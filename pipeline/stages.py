@@ -477,11 +477,10 @@ def built_with(model: dict, target: str, rknn: Path) -> tuple[dict, dict, list[s
 
 
 def _size(size: int) -> str:
-    for unit in ("B", "KB", "MB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
+    """The same binary units (KiB, MiB) as the report, so the two never disagree about a size."""
+    from pipeline.report import human_size
+
+    return human_size(size)
 
 
 def _withdraw(layout, name: str, target: str) -> None:

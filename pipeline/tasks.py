@@ -39,6 +39,8 @@ DOIT_CONFIG = {
     "dep_file": ".doit.db",
     "default_tasks": ["analyze", "resolve", "convert", "export", "lock", "report"],
     "verbosity": 2,
+    # one line per conversion with progress, one summary line; `--reporter console` is doit's own
+    "reporter": "rknn",
 }
 
 
