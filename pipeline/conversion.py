@@ -28,7 +28,9 @@ from pathlib import Path
 
 from pipeline import files
 from pipeline.layer_table import parse_layer_table, summarize
+from pipeline.formats import CONVERT_FORMAT
 from pipeline.layout import PairLayout
+from pipeline.records import CONVERT
 from pipeline.errors import PipelineError
 
 # rknn.config() keys fed from the manifest's quantization block.
@@ -533,6 +535,7 @@ def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> di
     log_text = log_path.read_text(errors="replace")
     layers = parse_layer_table(log_text)
     record = {
+        "format": CONVERT_FORMAT,
         "model": model["name"],
         "target": target,
         "ok": bool(result.get("ok")),
@@ -566,10 +569,10 @@ def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> di
         record["error"] = result.get("error") or "the toolkit produced no model"
         record["step"] = result.get("step")
         record["toolkit_error_lines"] = diagnostics.error_lines(log_text)
-        files.atomic_write_json(pair.convert_record, record)
+        CONVERT.write(pair.convert_record, record)
         raise ConversionFailed(failure_message(record, log_path))
     files.atomic_write_json(pair.placement, layers)
-    files.atomic_write_json(pair.convert_record, record)
+    CONVERT.write(pair.convert_record, record)
     os.replace(partial, pair.rknn)
     return record
 

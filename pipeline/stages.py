@@ -15,6 +15,7 @@ from pipeline import files
 from pipeline.errors import PipelineError
 from pipeline.formats import SIDECAR_FORMAT
 from pipeline.layout import CACHED_FILES, OPTIONAL_CACHED_FILES
+from pipeline.records import ANALYSIS, CONVERT, RESOLUTION, SIDECAR
 
 
 class StageFailed(PipelineError, RuntimeError):
@@ -72,7 +73,7 @@ def conversion_key(manifest, layout, model: dict, target: str, resolved: dict) -
     from pipeline.cache import cache_key
     from pipeline.identity import key_document
 
-    analysis = files.read_json(layout.analysis(model["name"], target)) or {}
+    analysis = ANALYSIS.read(layout.analysis(model["name"], target), missing_ok=True) or {}
     return cache_key(key_document(model, target, resolved, base=manifest.directory,
                                   external_data=analysis.get("external_data") or []))
 
@@ -102,14 +103,14 @@ def _record_repair(layout, name: str, target: str, resolved: dict, record: dict,
         return
     choice = {"key": search_key, "float_layers": repair["float_layers"], "float_tensors": repair["float_tensors"],
               "cosine_before": repair.get("cosine_before"), "cosine_after": repair.get("cosine_after")}
-    current = files.read_json(layout.resolved(name, target)) or resolved
+    current = RESOLUTION.read(layout.resolved(name, target), missing_ok=True) or resolved
     if current.get("repair") != choice:
-        files.atomic_write_json(layout.resolved(name, target), {**current, "repair": choice})
+        RESOLUTION.write(layout.resolved(name, target), {**current, "repair": choice})
 
 
 def _repaired_key(manifest, layout, model: dict, target: str, name: str, search_key: str) -> list[str]:
     """The key the next build will use when this one recorded a repair choice (else nothing)."""
-    current = files.read_json(layout.resolved(name, target)) or {}
+    current = RESOLUTION.read(layout.resolved(name, target), missing_ok=True) or {}
     if (current.get("repair") or {}).get("key") != search_key:
         return []
     return [repair_choice(manifest, layout, model, target, current)[1]]
@@ -177,7 +178,7 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
 
     name = model["name"]
     pair = layout.pair(name, target)
-    on_disk = files.read_json(pair.resolved)
+    on_disk = RESOLUTION.read(pair.resolved)
     resolved, key, search_key = repair_choice(manifest, layout, model, target, on_disk)
     store = open_cache(manifest)
     started = time.monotonic()
@@ -186,10 +187,10 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
         restored = store.get(key, pair.dir)
         if restored is not None and set(CACHED_FILES) <= set(restored):
             # The entry may come from another model with the same settings, in another checkout.
-            record = portable_record(files.read_json(layout.convert_record(name, target)), model, target,
+            record = portable_record(CONVERT.read(layout.convert_record(name, target)), model, target,
                                      resolved, layout)
             record["cache"] = {"key": key, "hit": True, "stored_by": (store.meta(key) or {}).get("model")}
-            files.atomic_write_json(layout.convert_record(name, target), record)
+            CONVERT.write(layout.convert_record(name, target), record)
             _record_remaps(layout, name, target, on_disk, record)
             _record_repair(layout, name, target, on_disk, record, search_key)
             _mark_built(store, manifest, model, target, key, record, converted=False)
@@ -218,7 +219,7 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     record = portable_record(record, model, target, resolved, layout)
     record["cache"] = {"key": key, "hit": False}
     record.update(built_by())
-    files.atomic_write_json(layout.convert_record(name, target), record)
+    CONVERT.write(layout.convert_record(name, target), record)
     _portable_log(layout.log(name, target), layout.root)
     _record_remaps(layout, name, target, on_disk, record)
     _record_repair(layout, name, target, on_disk, record, search_key)
@@ -300,8 +301,8 @@ def _record_remaps(layout, name: str, target: str, resolved: dict, record: dict)
     remaps = record.get("remaps") or []
     if resolved.get("remaps", []) == remaps and resolved.get("op_target_used") == record.get("op_target"):
         return
-    files.atomic_write_json(layout.resolved(name, target),
-                            {**resolved, "remaps": remaps, "op_target_used": record.get("op_target")})
+    RESOLUTION.write(layout.resolved(name, target),
+                             {**resolved, "remaps": remaps, "op_target_used": record.get("op_target")})
 
 
 def placement_check(model: dict, target: str, record: dict, resolved: dict, rules) -> tuple[list[str], list[str]]:
@@ -364,9 +365,9 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     from pipeline.placement_rules import Rules
 
     name = model["name"]
-    record = files.read_json(layout.convert_record(name, target))
-    resolved = files.read_json(layout.resolved(name, target))
-    analysis = files.read_json(layout.analysis(name, target))
+    record = CONVERT.read(layout.convert_record(name, target))
+    resolved = RESOLUTION.read(layout.resolved(name, target))
+    analysis = ANALYSIS.read(layout.analysis(name, target))
     layers = files.read_json(layout.placement(name, target), [])
     warnings, errors = placement_check(model, target, record, resolved, Rules.load())
     built, runtime, problems = built_with(model, target, layout.rknn(name, target))
@@ -411,7 +412,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     }
     try:
         files.atomic_copy(rknn, layout.dist_rknn(name, target))
-        files.atomic_write_json(layout.sidecar(name, target), sidecar)
+        SIDECAR.write(layout.sidecar(name, target), sidecar)
     except OSError as exc:
         # A new .rknn beside an old sidecar would lie: remove both so nothing looks finished.
         _withdraw(layout, name, target)
@@ -476,11 +477,10 @@ def built_with(model: dict, target: str, rknn: Path) -> tuple[dict, dict, list[s
 
 
 def _size(size: int) -> str:
-    for unit in ("B", "KB", "MB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
+    """The same binary units (KiB, MiB) as the report, so the two never disagree about a size."""
+    from pipeline.report import human_size
+
+    return human_size(size)
 
 
 def _withdraw(layout, name: str, target: str) -> None:
@@ -516,7 +516,7 @@ def write_lock(manifest, layout) -> Path:
     entries, artifacts = {}, {}
     for model in manifest.models:
         for target in model["targets"]:
-            sidecar = files.read_json(layout.sidecar(model["name"], target))
+            sidecar = SIDECAR.read(layout.sidecar(model["name"], target), missing_ok=True)
             if sidecar is None:
                 continue
             key = f"{target}/{model['name']}"
@@ -532,9 +532,9 @@ def report_records(manifest, layout) -> list[dict]:
     records = []
     for model in manifest.models:
         for target in model["targets"]:
-            sidecar = files.read_json(layout.sidecar(model["name"], target))
+            sidecar = SIDECAR.read(layout.sidecar(model["name"], target), missing_ok=True)
             if sidecar is None:
-                converted = files.read_json(layout.convert_record(model["name"], target)) or {}
+                converted = CONVERT.read(layout.convert_record(model["name"], target), missing_ok=True) or {}
                 refused = files.read_json(layout.export_error(model["name"], target)) or {}
                 error = converted.get("error") or refused.get("error")
                 sidecar = {"model": model["name"], "target": target, "status": "failed" if error else "not built",
