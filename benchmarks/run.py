@@ -914,10 +914,9 @@ class Benchmark:
             manifests = {"tiny manifest": self.manifest, "4 tiny pairs": parallel_manifest()}
         fresh_env = dict(self.scratch.env, RKNN_PIPELINE_WORKER="fresh")
         memory: dict[tuple[str, str], list[float]] = {}
-        floor: dict[str, list[float]] = {"serial_cpu": [], "parallel": []}
         for label, manifest in manifests.items():
             count = len(pairs_of(manifest))
-            times: dict[str, list[float]] = {"fork": [], "fresh": [], "hand": []}
+            times: dict[str, list[float]] = {"fork": [], "fresh": [], "hand": [], "serial_cpu": [], "parallel": []}
             peers = None
             for run in range(self.config.repeat):
                 progress(f"{section}: {label}, run {run + 1}/{self.config.repeat}")
@@ -937,24 +936,23 @@ class Benchmark:
                 times["hand"].append(run_hand_loop(self.scratch, peers, run))
                 seconds, _ = self.scratch.doit(self.scratch.workspace("worker-fresh", manifest), env=fresh_env)
                 times["fresh"].append(seconds)
-                if label == list(manifests)[-1]:
-                    floor["serial_cpu"].append(cpu)
-                    seconds, output = self.scratch.doit(self.scratch.workspace("worker-n2", manifest),
-                                                        "-n", "2", "-P", "process")
-                    if len(converted(output)) != count:
-                        raise BenchmarkError(f"the -n 2 build converted {converted(output)}")
-                    floor["parallel"].append(seconds)
+                times["serial_cpu"].append(cpu)
+                seconds, output = self.scratch.doit(self.scratch.workspace("worker-n2", manifest),
+                                                    "-n", "2", "-P", "process")
+                if len(converted(output)) != count:
+                    raise BenchmarkError(f"the -n 2 build converted {converted(output)}")
+                times["parallel"].append(seconds)
             self.add(section, f"{label} ({count} pairs): `doit`, forked workers (default)", "s", times["fork"])
             self.add(section, f"{label}: `doit` with RKNN_PIPELINE_WORKER=fresh", "s", times["fresh"])
             self.add(section, f"{label}: hand-written loop", "s", times["hand"])
             self.add(section, f"{label}: ratio forked / hand loop (goal <= 1.0)", "x",
                      ratios(times["fork"], times["hand"]))
             self.add(section, f"{label}: ratio fresh / hand loop", "x", ratios(times["fresh"], times["hand"]))
-        last = list(manifests)[-1]
-        cpu_floor = [cpu / 2 for cpu in floor["serial_cpu"]]
-        self.add(section, f"{last}: `doit -n 2 -P process`, forked workers", "s", floor["parallel"])
-        self.add(section, f"{last}: 2-core CPU floor (CPU seconds of the serial run / 2)", "s", cpu_floor)
-        self.add(section, f"{last}: ratio `-n 2` / CPU floor (goal <= 1.1)", "x", ratios(floor["parallel"], cpu_floor))
+            cpu_floor = [cpu / 2 for cpu in times["serial_cpu"]]
+            self.add(section, f"{label}: `doit -n 2 -P process`, forked workers", "s", times["parallel"])
+            self.add(section, f"{label}: 2-core CPU floor (CPU seconds of the serial run / 2)", "s", cpu_floor)
+            self.add(section, f"{label}: ratio `-n 2` / CPU floor (goal <= 1.1)", "x",
+                     ratios(times["parallel"], cpu_floor))
         names = {"zygote": "each zygote", "child": "each forked child (one per conversion)"}
         for (role, key), samples in memory.items():
             if samples:
