@@ -122,7 +122,10 @@ class Zygote:
         try:
             answer = self._read(deadline, on_timeout=lambda: kill_group(child))
         except ChildTimeout:
-            self._read(time.monotonic() + 10, on_timeout=self.close)  # the zygote reaps it and says so
+            try:  # the zygote reaps it and says so; if it does not, it is of no further use
+                self._read(time.monotonic() + 10, on_timeout=self.close)
+            except (ChildTimeout, ZygoteLost):
+                self.close()
             raise
         except BaseException:  # Ctrl-C, or the zygote died (the child dies with it; make sure)
             kill_group(child)
