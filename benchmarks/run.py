@@ -52,7 +52,8 @@ GNU_TIME = Path("/usr/bin/time")
 BENCH_MODELS = ("inception_v2", "inception_v2_int8", "densenet121", "shufflenet")
 PARALLEL_TARGETS = ("rk3588", "rk3576", "rk3566", "rk3562")  # all convert float16 models
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore",
-            "6 scale", "7 large model", "8 worker model")
+            "6 scale", "7 large model", "8 worker model", "9 shapes")
+SHAPE_MODELS = ("rec", "rec_dynamic")  # models.yaml entries: one recogniser as buckets and as one dynamic model
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,9 @@ class Row:
     samples: list[float]
 
     def cells(self) -> list[str]:
-        return [self.section, self.measurement, self.unit, number(statistics.median(self.samples)),
-                number(min(self.samples)), number(max(self.samples)), str(len(self.samples))]
+        show = (lambda v: f"{v:.5f}") if self.unit == "cos" else number  # cosines differ in the 4th decimal
+        return [self.section, self.measurement, self.unit, show(statistics.median(self.samples)),
+                show(min(self.samples)), show(max(self.samples)), str(len(self.samples))]
 
 
 def number(value: float) -> str:
@@ -671,12 +673,16 @@ class Benchmark:
     def with_cache(self) -> dict:
         return dict(self.scratch.env, **{CACHE_ENV: str(self.cache_dir)})
 
-    def run(self) -> None:
-        built = self.timed(self.cold_build)
-        self.timed(self.noop_rebuild, built)
-        self.timed(self.one_changed, built)
-        for figure in (self.parallel, self.cache_restore, self.scale, self.large_model, self.worker_model):
-            self.timed(figure)
+    def run(self, only: set[str] | None = None) -> None:
+        """Every section, or only those in ``only`` (sections 1-3 share one build: any of them runs all three)."""
+        if not only or only & set(SECTIONS[:3]):
+            built = self.timed(self.cold_build)
+            self.timed(self.noop_rebuild, built)
+            self.timed(self.one_changed, built)
+        figures = (self.parallel, self.cache_restore, self.scale, self.large_model, self.worker_model, self.shapes)
+        for section, figure in zip(SECTIONS[3:], figures):
+            if not only or section in only:
+                self.timed(figure)
 
     @staticmethod
     def timed(figure, *args):
@@ -976,6 +982,69 @@ class Benchmark:
                            "other work.")
 
 
+    # 8 -------------------------------------------------------------------------------------------
+    def shapes(self) -> None:
+        """Buckets against one dynamic model for the same shape sets: time, cosine per shape, size."""
+        section = SECTIONS[8]
+        manifest = yaml.safe_load((REPO / "models.yaml").read_text())
+        models = {m["name"]: m for m in manifest["models"] if m["name"] in SHAPE_MODELS}
+        manifest["models"] = [models[name] for name in SHAPE_MODELS]
+        widths = [shape[3] for shape in models["rec"]["inputs"]["x"]]
+        buckets = [f"rec.1x3x48x{width}" for width in widths]
+        walls: dict[str, list[float]] = {"buckets": [], "dynamic": []}
+        workers: dict[str, list[float]] = {"buckets": [], "dynamic": []}
+        cosines: dict[str, list[float]] = {}
+        sizes: dict[str, list[float]] = {}
+        cpu_layers: dict[str, list[float]] = {"buckets": [], "dynamic": []}
+        for run in range(self.config.repeat):
+            progress(f"{section}: run {run + 1}/{self.config.repeat}")
+            ws = self.scratch.workspace("shapes", manifest)
+            for way, names in (("buckets", buckets), ("dynamic", ["rec_dynamic"])):
+                seconds, output = self.scratch.doit(ws, *(f"export:{name}@rk3588" for name in names))
+                if sorted(converted(output)) != sorted(f"{name}@rk3588" for name in names):
+                    raise BenchmarkError(f"the {way} build converted {converted(output)}")
+                walls[way].append(seconds)
+                records = [json.loads((ws / "build" / name / "rk3588" / "convert.json").read_text())
+                           for name in names]
+                workers[way].append(sum(record["seconds"] for record in records))
+            for width, name in zip(widths, buckets):
+                sidecar = json.loads((ws / "dist" / "rk3588" / f"{name}.json").read_text())
+                cosines.setdefault(f"buckets, width {width}", []).append(sidecar["verify"]["outputs"][0]["cosine"])
+                sizes.setdefault(f"bucket {name}.rknn", []).append(sidecar["rknn"]["size"] / 1000)
+                cpu_layers["buckets"].append(sidecar["placement"]["cpu"])
+            dynamic = json.loads((ws / "dist" / "rk3588" / "rec_dynamic.json").read_text())
+            for per_shape in dynamic["verify"]["shapes"]:
+                label = f"dynamic, width {per_shape['inputs']['x'][3]}"
+                cosines.setdefault(label, []).append(per_shape["outputs"][0]["cosine"])
+            sizes.setdefault("dynamic rec_dynamic.rknn", []).append(dynamic["rknn"]["size"] / 1000)
+            cpu_layers["dynamic"].append(dynamic["placement"]["cpu"])
+        self.add(section, f"buckets: `doit` for {len(buckets)} static models (one per width)", "s", walls["buckets"])
+        self.add(section, "dynamic: `doit` for one model with dynamic_input", "s", walls["dynamic"])
+        self.add(section, "ratio buckets / dynamic, whole `doit` run", "x", ratios(walls["buckets"], walls["dynamic"]))
+        self.add(section, "buckets: conversion workers, summed", "s", workers["buckets"])
+        self.add(section, "dynamic: conversion worker", "s", workers["dynamic"])
+        self.add(section, "ratio buckets / dynamic, conversion workers", "x",
+                 ratios(workers["buckets"], workers["dynamic"]))
+        for label, values in cosines.items():
+            self.add(section, f"simulator cosine vs onnxruntime, {label}", "cos", values)
+        for label, values in sizes.items():
+            self.add(section, f"size of {label}", "KB", values)
+        self.add(section, "layers on the CPU, each bucket (the toolkit's layer table)", "layers", cpu_layers["buckets"])
+        self.add(section, "layers on the CPU, the dynamic model", "layers", cpu_layers["dynamic"])
+        self.add(section, "size of the buckets together", "KB",
+                 [sum(values[run] for label, values in sizes.items() if label.startswith("bucket "))
+                  for run in range(self.config.repeat)])
+        self.note(section, f"The recogniser of models.yaml (`examples/models/tiny_recogniser.onnx`, input "
+                           f"[1, 3, 48, W]) at widths {', '.join(map(str, widths))}, w8a8 on rk3588 from the "
+                           "same two calibration images, built both ways in one fresh workspace per run: "
+                           "`shapes: buckets` (one static .rknn per width) and `shapes: dynamic` (one .rknn "
+                           "through `dynamic_input`). Times are whole `doit export:...` runs (analysis, "
+                           "resolution, conversion with verify at each width, export) and the conversion workers' "
+                           "own times from convert.json. Cosine is the first output's, "
+                           "over the verify samples: the two calibration images, resized to each width (for the "
+                           "dynamic model too, although the toolkit calibrates it at the largest width only).")
+
+
 # -- report --------------------------------------------------------------------------------------
 
 
@@ -1024,6 +1093,44 @@ def render_document(bench: Benchmark, table: str, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_document(old: str, new: str, sections: set[str]) -> str:
+    """``old`` with the table rows and notes of ``sections`` taken from ``new`` (an ``--only`` run).
+
+    The header (machine, versions, date) stays the full run's; the rows keep
+    SECTIONS order, so a refreshed section lands where a full run puts it.
+    """
+    def parts(text: str) -> tuple[list[str], list[str], list[str]]:
+        lines = text.splitlines()
+        first = next(i for i, line in enumerate(lines) if line.startswith("| section"))
+        end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+        return lines[:first + 2], lines[first + 2:end], lines[end:]
+
+    def section_of(line: str) -> str:
+        return line.strip("|- *").split("|")[0].split("**")[0].strip().rstrip(":")
+
+    head, old_rows, tail = parts(old)
+    _, new_rows, new_tail = parts(new)
+    rows = [row for row in old_rows if section_of(row) not in sections] + new_rows
+    rows.sort(key=lambda row: SECTIONS.index(section_of(row)) if section_of(row) in SECTIONS else len(SECTIONS))
+    before = next((line[len(_REFRESHED):] for line in tail if line.startswith(_REFRESHED)), "")
+    notes = [line for line in tail if not line.startswith(_REFRESHED)
+             and not (line.startswith("- **") and section_of(line) in sections)]
+    notes += [line for line in new_tail if line.startswith("- **") and section_of(line) in sections]
+    notes = [line for line in notes if line.strip()]  # notes are one bullet each; blank lines are re-added
+    heading = notes.index("## What each section measures") if "## What each section measures" in notes else None
+    if heading is not None:
+        notes[heading:heading + 1] = ["", "## What each section measures", ""]
+    notes.sort(key=lambda line: SECTIONS.index(section_of(line)) if line.startswith("- **")
+               and section_of(line) in SECTIONS else -1)
+    refreshed = sorted(sections | (set(re.findall(r"`([^`]+)`", before)) & set(SECTIONS)), key=SECTIONS.index)
+    notes += ["", f"{_REFRESHED} {', '.join(f'`{name}`' for name in refreshed)} "
+                  f"(last on {datetime.date.today().isoformat()}); the header describes the full run."]
+    return "\n".join(head + rows + notes) + "\n"
+
+
+_REFRESHED = "Sections measured again on their own with `--only`:"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="fast smoke configuration; never writes the docs")
@@ -1031,6 +1138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=f"write the markdown here (default without --tiny: "
                                                  f"{DOCS_OUT.relative_to(REPO)})")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory and print its path")
+    parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
+                        help="run only this section (repeatable); the document keeps the other sections' rows")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -1046,7 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Scratch(root)
         make_tiny_assets(root / "assets" / "tiny")
         bench = Benchmark(scratch, config)
-        bench.run()
+        bench.run(set(args.only or ()))
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
@@ -1059,7 +1168,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render_document(bench, table, time.perf_counter() - started))
+        document = render_document(bench, table, time.perf_counter() - started)
+        if args.only and out.exists():
+            document = merge_document(out.read_text(), document, {row.section for row in bench.rows})
+        out.write_text(document)
         progress(f"wrote {out}")
     return 0
 

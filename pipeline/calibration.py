@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from pipeline import files
-from pipeline.inputs import image_layout, is_image
+from pipeline.inputs import image_layout, is_image, sample_shape
 
 
 def write_dataset(quant: dict, directory: Path, dataset_file: Path) -> list[list[str]]:
@@ -49,6 +49,35 @@ def write_dataset(quant: dict, directory: Path, dataset_file: Path) -> list[list
         rows.append([str(directory / name) for name in names])
     files.atomic_write_text(dataset_file, "".join(f"{line}\n" for line in lines))
     return rows
+
+
+def rows_per_shape(quant: dict, sets: list[dict], directory: Path) -> list[list[list[str]]]:
+    """For a dynamic model's accuracy check: per shape set, the calibration steps that fit it.
+
+    The toolkit calibrates at the largest set only; verify runs at every set.
+    Images given per input are decoded again at each set's shapes (under
+    ``directory``), images of a dataset file are resized by verify itself, and
+    ``.npy`` samples serve the sets whose shapes they have.
+    """
+    images = quant.get("images") or []
+    result = []
+    for index, shape_set in enumerate(sets):
+        shapes = [tuple(shape) for shape in shape_set.values()]
+        rows = []
+        for step, row in enumerate(quant.get("samples") or []):
+            paths = []
+            for position, source in enumerate(row):
+                decode = images[position] if position < len(images) else None
+                if decode and is_image(source):
+                    decoded = Path(directory) / f"set{index}" / f"s{step:04d}-i{position}.npy"
+                    _save_decoded(source, {**decode, "shape": list(shapes[position])}, decoded)
+                    paths.append(str(decoded))
+                elif is_image(source) or sample_shape(source) == shapes[position]:
+                    paths.append(source)
+            if len(paths) == len(row):
+                rows.append(paths)
+        result.append(rows)
+    return result
 
 
 def _link(source: str, link: Path) -> None:

@@ -61,9 +61,14 @@ def toolkit_arguments(model: dict, target: str, source: str) -> dict:
             if quant.get(manifest_key) is not None:
                 config[config_key] = quant[manifest_key]
     config.update(model.get("options") or {})
+    from pipeline.shapes import dynamic_input
+
+    dynamic = dynamic_input(model)
+    if dynamic:
+        config["dynamic_input"] = dynamic  # the toolkit refuses input_size_list beside it (measured)
 
     load: dict = {}
-    if model.get("inputs"):
+    if model.get("inputs") and not dynamic:
         load["inputs"] = list(model["inputs"])
         load["input_size_list"] = [list(shape) for shape in model["inputs"].values()]
     if model.get("outputs"):
@@ -115,15 +120,18 @@ def dataset_file(model: dict) -> str | None:
 def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibration=None) -> dict:
     """The worker's job document (plain JSON).
 
-    ``calibration`` is ``(dataset file, rows)`` as :func:`pipeline.calibration.write_dataset`
-    laid them out: the toolkit and verify read those, not the manifest's paths.
+    ``calibration`` is ``{"dataset", "rows", "verify_rows"}``: the dataset file and rows
+    :func:`pipeline.calibration.write_dataset` laid out (the toolkit and verify read those, not
+    the manifest's paths), and for a dynamic model the rows that fit each shape set.
     """
+    from pipeline.shapes import dynamic_input
+
     onnx_path = resolved.get("converted_onnx") or model["source"]
     args = toolkit_arguments(model, target, onnx_path)
     quant = model.get("quantization") or {}
     samples = quant.get("samples") or []
     if calibration is not None:
-        args["build"]["dataset"], samples = str(calibration[0]), calibration[1]
+        args["build"]["dataset"], samples = str(calibration["dataset"]), calibration["rows"]
     return {
         "model": model["name"],
         "target": target,
@@ -137,6 +145,8 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
                             for key, item in (resolved.get("explanations") or {}).items()},
         "verify": model.get("verify"),
         "verify_source": model["source"],
+        "verify_shapes": model.get("shape_sets") if dynamic_input(model) else None,
+        "verify_rows": (calibration or {}).get("verify_rows"),
         "samples": samples,
         "workdir": str(workdir / "work"),
         "rknn_path": str(workdir / ("model.rknn" + files.PARTIAL_SUFFIX)),

@@ -24,6 +24,7 @@ headers.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -71,6 +72,14 @@ def is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_TYPES)
 
 
+def sample_shape(path: str) -> tuple[int, ...] | None:
+    """A ``.npy`` sample's shape (None for an image, which is resized to whatever it feeds)."""
+    if is_image(path):
+        return None
+    header = npy_header(path)
+    return None if isinstance(header, str) else header[0]
+
+
 @dataclass(frozen=True)
 class InputInfo:
     """One input the toolkit compiles: name, static shape(s) and numpy dtype name (None: unknown)."""
@@ -84,6 +93,7 @@ class InputInfo:
         return self.shapes[0]
 
 
+@functools.lru_cache(maxsize=4096)
 def npy_header(path: str) -> tuple[tuple[int, ...], str] | str:
     """(shape, dtype name) of a ``.npy`` file without reading its data, or why it cannot be read."""
     import numpy as np
@@ -99,22 +109,26 @@ def npy_header(path: str) -> tuple[tuple[int, ...], str] | str:
 
 
 def sample_problem(path: str, info: InputInfo, layout: str | None = None) -> str | None:
-    """Why ``path`` cannot be a calibration sample for ``info`` at every declared shape, or None."""
+    """Why ``path`` cannot be a calibration sample for ``info``, or None.
+
+    A ``.npy`` sample must have one of ``info.shapes`` (a bucket takes the
+    samples of its own shape); an image must fit every one (it is resized).
+    """
     if is_image(path):
         return image_problem(info, layout)
     header = npy_header(path)
     if isinstance(header, str):
         return header
     shape, dtype = header
-    for expected in info.shapes:
-        if shape == tuple(expected):
-            continue
-        if len(expected) == 4 and shape == (expected[0], expected[2], expected[3], expected[1]) \
-                and expected[1] != expected[3]:
-            return (f"has shape {list(shape)}, the NHWC form of input {info.name!r} {list(expected)}: "
-                    f"the toolkit reads .npy samples in the input's own layout (NCHW here); "
-                    f"save it with array.transpose(0, 3, 1, 2)")
-        return f"has shape {list(shape)} but input {info.name!r} is {list(expected)}"
+    if shape not in {tuple(expected) for expected in info.shapes}:
+        for expected in info.shapes:
+            if len(expected) == 4 and shape == (expected[0], expected[2], expected[3], expected[1]) \
+                    and expected[1] != expected[3]:
+                return (f"has shape {list(shape)}, the NHWC form of input {info.name!r} {list(expected)}: "
+                        f"the toolkit reads .npy samples in the input's own layout (NCHW here); "
+                        f"save it with array.transpose(0, 3, 1, 2)")
+        wanted = " or ".join(str(list(expected)) for expected in info.shapes)
+        return f"has shape {list(shape)} but input {info.name!r} is {wanted}"
     return dtype_problem(dtype, info)
 
 

@@ -52,6 +52,10 @@ class Layout:
         """The toolkit's dataset file, written by the pipeline (paths relative to it)."""
         return self.calibration_dir(name, target) / "dataset.txt"
 
+    def verify_samples_dir(self, name: str, target: str) -> Path:
+        """A dynamic model's samples decoded again at each shape set, for the accuracy check."""
+        return self.calibration_dir(name, target) / "verify"
+
     def log(self, name: str, target: str) -> Path:
         return self.workdir(name, target) / "convert.log"
 

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 from . import inputs as input_facts
 from . import platforms
+from . import shapes as shape_sets
 from .yaml_source import YamlDocument, YamlError, load_yaml
 
 SAMPLE_TYPES = input_facts.SAMPLE_TYPES
@@ -118,6 +119,7 @@ def load_manifest(path, *, check_files: bool = True) -> Manifest:
     _Checker(report, doc.data, models, broken, check_files).run()
     if report.problems:
         raise ManifestError(report.sorted())
+    models = shape_sets.expand(models, input_facts.sample_shape)
     cache = doc.data.get("cache")
     return Manifest(
         path=Path(path),
@@ -504,6 +506,7 @@ def _effective_model(index: int, raw: dict, defaults: dict, directory: Path) -> 
     if isinstance(model["source"], str):
         model["source"] = _absolute(directory, model["source"])
     model["quantization"] = _effective_quantization(model["quantization"], directory)
+    model["shape_sets"] = shape_sets.shape_sets(model["inputs"])
     if isinstance(model["verify"], dict):
         model["verify"] = {**_schema_defaults("verify"), **model["verify"]}
     for override in model["overrides"] if isinstance(model["overrides"], list) else ():
@@ -578,6 +581,14 @@ class _Checker:
                 message = f"duplicate model name {name!r} (first used at line {line})"
                 self.report.add_model(model, "name", message=message)
             first.setdefault(name, model["index"])
+        for model in self.models:  # a bucket is named <name>.<dims>: it must not clash either
+            if not isinstance(model["name"], str) or shape_sets.mode(model) != "buckets":
+                continue
+            for bucket in shape_sets.bucket_names(model):
+                if bucket in first:
+                    line = self.report.doc.position(("models", first[bucket], "name"))[0]
+                    message = f"bucket {bucket!r} of this model has the name of the model at line {line}"
+                    self.report.add_model(model, "inputs", message=message)
 
     def check_model(self, model: dict) -> None:
         graph = self.check_source(model) if self.check_files and self.clean(model, "source") else None
@@ -587,6 +598,8 @@ class _Checker:
             self.check_platforms(model)
         if self.clean(model, "overrides"):
             self.check_op_types(model, graph)
+        if self.clean(model, "inputs", "shapes"):
+            self.check_shapes(model)
         infos = self.input_infos(model, graph) if graph is not None and self.clean(model, "inputs") else None
         if self.clean(model, "mean_values", "std_values"):
             self.check_normalisation(model, infos)
@@ -617,19 +630,80 @@ class _Checker:
                 message = f"unknown op_type {op_type!r}{_did_you_mean(op_type, known)}"
                 self.report.add_model(model, "overrides", index, "match", "op_type", message=message)
 
+    def check_shapes(self, model: dict) -> None:
+        """Several shapes per input: lists of equal length, one form per input."""
+        inputs = model["inputs"]
+        if not inputs:
+            if model["shapes"] == "dynamic" and self.declared(model, "shapes"):
+                self.report.add_model(model, "shapes", message="shapes: dynamic needs inputs: with a list of "
+                                      "shapes for the inputs that vary")
+            return
+        if shape_sets.declared(inputs) is None:
+            for name, value in inputs.items():
+                if not (all(isinstance(i, int) for i in value) or all(isinstance(i, list) for i in value)):
+                    message = (f"input {name!r} mixes dims and shapes: give one shape [1, 3, 224, 224] or a "
+                               f"list of shapes [[1, 3, 48, 160], [1, 3, 48, 320]]")
+                    self.report.add_model(model, "inputs", name, message=message)
+            return
+        counts = {name: len(items) for name, items in shape_sets.declared(inputs).items() if len(items) > 1}
+        if len(set(counts.values())) > 1:
+            listing = ", ".join(f"{name}: {count}" for name, count in counts.items())
+            message = f"inputs with a list of shapes must list the same number (one per shape set); got {listing}"
+            self.report.add_model(model, "inputs", message=message)
+            return
+        sets = model["shape_sets"]
+        if len(sets) > 1 and len({tuple(map(tuple, s.values())) for s in sets}) < len(sets):
+            self.report.add_model(model, "inputs", message="two shape sets are the same: list each once")
+        if len(sets) > 1 and isinstance(model["options"], dict) and "dynamic_input" in model["options"]:
+            message = ("options.dynamic_input and a list of shapes in inputs: say it once; with shapes: dynamic "
+                       "the pipeline writes dynamic_input from inputs (and checks it)")
+            self.report.add_model(model, "options", "dynamic_input", message=message)
+
+    def declared(self, model: dict, key: str) -> bool:
+        """Whether ``key`` is written for this model (or its defaults), not just a schema default."""
+        return _raw_value(self.data, model, (key,)) is not None
+
     def input_infos(self, model: dict, graph: _Graph) -> list[input_facts.InputInfo] | None:
-        """The inputs the toolkit compiles, in its order (``inputs:`` keys, else the graph's); None if unknown."""
-        declared = model["inputs"] or {}
-        if declared and any(_input_problem(name, shape, graph) for name, shape in declared.items()):
-            return None  # reported by check_tensor_names
+        """The inputs the toolkit compiles, in its order (``inputs:`` keys, else the graph's); None if unknown.
+
+        ``shapes`` holds every declared shape of the input, except for a dynamic
+        model's samples, which must have the largest set (the toolkit's rule).
+        """
+        declared = shape_sets.declared(model["inputs"]) or {}
+        if model["inputs"] and (not declared or model["shape_sets"] is None or any(
+                _input_problem(name, shape, graph) for name, items in declared.items() for shape in items)):
+            return None  # reported by check_shapes / check_tensor_names
         infos = []
         for name in declared or graph.inputs:
             elem_type, dims = graph.input_types.get(name, [None, None])
-            shape = declared.get(name) or dims
-            if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
+            items = declared.get(name) or [dims]
+            if any(not shape or any(not isinstance(d, int) or d <= 0 for d in shape) for shape in items):
                 return None  # a dynamic input without a declared shape: analysis refuses it
-            infos.append(input_facts.InputInfo(name, (tuple(shape),), input_facts.ONNX_DTYPES.get(elem_type)))
+            infos.append(input_facts.InputInfo(name, tuple(tuple(shape) for shape in items),
+                                               input_facts.ONNX_DTYPES.get(elem_type)))
         return infos
+
+    def check_dynamic(self, model: dict, graph: _Graph) -> None:
+        """The toolkit's measured limits on ``dynamic_input`` (see :mod:`pipeline.shapes`)."""
+        if shape_sets.mode(model) != "dynamic":
+            return
+        names, order = list(model["inputs"]), list(graph.inputs)
+        if names != order:
+            message = (f"shapes: dynamic builds through the toolkit's dynamic_input, which cannot be combined "
+                       f"with cut or reordered inputs: list every model input in the model's order "
+                       f"({', '.join(order)})")
+            self.report.add_model(model, "inputs", message=message)
+            return
+        for name, items in shape_sets.declared(model["inputs"]).items():
+            dims = graph.input_types.get(name, [None, None])[1] or []
+            for index, shape in enumerate(items if len(items) > 1 else []):
+                fixed = [(axis, d) for axis, d in enumerate(dims) if d is not None and axis < len(shape)
+                         and shape[axis] != d]
+                if fixed:
+                    axis, value = fixed[0]
+                    message = (f"shape {shape} changes dim {axis}, which the model fixes at {value}: the toolkit "
+                               f"refuses it in dynamic_input (only dims dynamic in the ONNX model may vary)")
+                    self.report.add_model(model, "inputs", name, index, message=message)
 
     def check_normalisation(self, model: dict, infos: list | None) -> None:
         means, stds = model["mean_values"], model["std_values"]
@@ -699,10 +773,28 @@ class _Checker:
             self.report.add_model(model, "quantization", message=message)
         elif not self.check_files:
             return
-        elif isinstance(dataset, dict):
-            self.check_dataset_mapping(model, infos)
         else:
-            self.check_dataset_file(model, infos)
+            if infos is not None and shape_sets.mode(model) == "dynamic":
+                largest = shape_sets.largest(model["shape_sets"])  # the toolkit calibrates at it
+                infos = [input_facts.InputInfo(i.name, (tuple(largest[i.name]),), i.dtype) for i in infos]
+            before = len(self.report.problems)
+            if isinstance(dataset, dict):
+                self.check_dataset_mapping(model, infos)
+            else:
+                self.check_dataset_file(model, infos)
+            if infos is not None and len(self.report.problems) == before:
+                self.check_buckets_calibrated(model)
+
+    def check_buckets_calibrated(self, model: dict) -> None:
+        """Each bucket calibrates with the steps whose .npy samples have its shapes: it needs one at least."""
+        if shape_sets.mode(model) != "buckets" or not model["quantization"]["samples"]:
+            return
+        for unit in shape_sets.expand([model], input_facts.sample_shape):
+            if not unit["quantization"]["samples"]:
+                shapes = ", ".join(f"{name} {shape}" for name, shape in unit["inputs"].items())
+                message = (f"bucket {unit['name']!r} has no calibration step whose samples all have its shapes "
+                           f"({shapes}): add .npy samples of that shape, or give images, which are resized")
+                self.report.add_model(model, "quantization", "dataset", message=message)
 
     def check_dataset_file(self, model: dict, infos: list | None) -> None:
         """The single-file form: one line per step, one path per input in the model's input order."""
@@ -774,10 +866,14 @@ class _Checker:
         return "quantization", "dataset", name, index
 
     def check_tensor_names(self, model: dict, graph: _Graph) -> None:
-        for name, shape in (model["inputs"] or {}).items():
-            problem = _input_problem(name, shape, graph)
+        declared = shape_sets.declared(model["inputs"]) or {}
+        for name, items in declared.items():
+            problem = next(filter(None, (_input_problem(name, shape, graph) for shape in items)), None)
             if problem:
                 self.report.add_model(model, "inputs", name, message=problem, key=True)
+        if declared and model["shape_sets"] and not any(
+                _input_problem(name, shape, graph) for name, items in declared.items() for shape in items):
+            self.check_dynamic(model, graph)
         for index, name in enumerate(model["outputs"] or ()):
             if name not in graph.tensors:
                 message = f"output {name!r} is not a tensor of the model{_did_you_mean(name, graph.tensors)}"

@@ -146,10 +146,15 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
             return verdict_line(record, time.monotonic() - started, True), detail_lines(record)
     calibration = None
     if (model.get("quantization") or {}).get("samples"):
-        from pipeline.calibration import write_dataset
+        from pipeline.calibration import rows_per_shape, write_dataset
+        from pipeline.shapes import dynamic_input
 
         listing = layout.calibration_list(name, target)
-        calibration = listing, write_dataset(model["quantization"], layout.calibration_dir(name, target), listing)
+        calibration = {"dataset": listing, "verify_rows": None,
+                       "rows": write_dataset(model["quantization"], layout.calibration_dir(name, target), listing)}
+        if dynamic_input(model):
+            calibration["verify_rows"] = rows_per_shape(model["quantization"], model["shape_sets"],
+                                                        layout.verify_samples_dir(name, target))
     try:
         record = conversion.convert(model, target, resolved, workdir, calibration)
     except conversion.ConversionFailed as exc:
@@ -268,6 +273,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "placement": record.get("placement"),
         "predicted_vs_actual": predicted_vs_actual(analysis, layers, resolved),
         "verify": record.get("verify"),
+        "shapes": _shapes(model),
         "convert_seconds": record.get("seconds"),
         "cache": record.get("cache"),
         "diagnostics": [d for d in record.get("diagnostics") or [] if not d.get("benign")],
@@ -284,6 +290,17 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     lines = [f"export {name}@{target}  dist/{target}/{name}.rknn  {_size(sidecar['rknn']['size'])}"]
     lines += [f"  warning: {w}" for w in warnings]
     return lines
+
+
+def _shapes(model: dict) -> dict | None:
+    """Which shape set a bucket was built for, or every set of a dynamic model (None: one static shape)."""
+    from pipeline.shapes import dynamic_input
+
+    if model.get("bucket"):
+        return {"mode": "buckets", "model": model["bucket"]["model"], "inputs": model["bucket"]["inputs"]}
+    if dynamic_input(model):
+        return {"mode": "dynamic", "sets": model["shape_sets"]}
+    return None
 
 
 def _size(size: int) -> str:

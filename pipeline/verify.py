@@ -129,6 +129,39 @@ def verify_model(session, job: dict) -> dict:
     }
 
 
+def verify_all_shapes(session, job: dict) -> dict:
+    """:func:`verify_model` at every shape set of a dynamic model (``job["verify_shapes"]``), else once.
+
+    Each set is fed the calibration steps that fit it (``job["verify_rows"]``:
+    images decoded at its shapes, ``.npy`` samples of its shapes), else seeded
+    random inputs. The record
+    keeps each set's result under ``shapes`` and, per output, the worst
+    cosine over all sets under ``outputs``; it passes when every set passes.
+    """
+    from pipeline.shapes import largest
+
+    sets = job.get("verify_shapes")
+    if not sets:
+        return verify_model(session, job)
+    biggest = largest(sets)
+    per_shape = []
+    fitting = job.get("verify_rows") or [None] * len(sets)
+    for shape_set, rows in zip(sets, fitting):
+        load = {**(job.get("load_onnx") or {}), "inputs": list(shape_set),
+                "input_size_list": [list(shape) for shape in shape_set.values()]}
+        samples = rows if rows is not None else (job.get("samples") if shape_set == biggest else [])
+        per_shape.append({"inputs": shape_set, **verify_model(session, {**job, "load_onnx": load, "samples": samples})})
+    worst = {}
+    for result in per_shape:
+        for output in result["outputs"]:
+            if output["name"] not in worst or output["cosine"] < worst[output["name"]]["cosine"]:
+                worst[output["name"]] = output
+    return {"samples": sum(r["samples"] for r in per_shape),
+            "input_source": ", ".join(dict.fromkeys(r["input_source"] for r in per_shape)),
+            "min_cosine": per_shape[0]["min_cosine"], "passed": all(r["passed"] for r in per_shape),
+            "outputs": list(worst.values()), "shapes": per_shape, "note": SIMULATOR_NOTE}
+
+
 def _run_both(session, runtime, specs: list[InputSpec], outputs: list[str],
               samples: list[list[Prepared]]) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
     """Per output, onnxruntime's and the simulator's arrays for every sample."""

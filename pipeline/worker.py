@@ -151,9 +151,9 @@ def run(job: dict) -> dict:
         result["build_seconds"] = round(time.monotonic() - started, 3)
         session.export(job["rknn_path"])
         if job.get("verify"):
-            from pipeline.verify import verify_model
+            from pipeline.verify import verify_all_shapes
 
-            result["verify"] = verify_model(session, job)
+            result["verify"] = verify_all_shapes(session, job)
         session.release()
         result["ok"] = True
     except Exception as exc:  # reported to the parent, which fails the task with it

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "run.py"
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore", "6 scale",
-            "7 large model", "8 worker model")
+            "7 large model", "8 worker model", "9 shapes")
 HEADER = ["section", "measurement", "unit", "median", "min", "max", "runs"]
 
 
@@ -43,7 +43,7 @@ def test_tiny_benchmark_reports_every_section(tmp_path):
     assert {row[0] for row in rows} == set(SECTIONS)
     for row in rows:
         assert len(row) == len(HEADER), row
-        assert row[1] and row[2] in ("s", "x", "MiB"), row
+        assert row[1] and row[2] in ("s", "x", "MiB", "KB", "cos", "layers"), row
         values = [float(cell) for cell in row[3:6]]
         assert all(math.isfinite(value) for value in values), row
         assert int(row[6]) >= 1, row
@@ -53,3 +53,23 @@ def test_tiny_benchmark_reports_every_section(tmp_path):
         assert needle in document
 
     assert (DOCS.read_bytes() if DOCS.exists() else None) == docs_before  # --tiny never rewrites the docs
+
+
+def test_only_refreshes_its_sections_rows_and_notes():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import run
+
+    def document(rows: list[tuple[str, str]], notes: list[str]) -> str:
+        table = run.render_table([run.Row(section, name, "s", [value]) for section, name, value in rows])
+        return "# Benchmarks\n\nheader\n\n" + table + "\n\n## What each section measures\n\n" + \
+            "".join(f"- **{note}**: about it\n" for note in notes)
+
+    full = document([("1 cold build", "a", 1.0), ("7 large model", "b", 2.0), ("9 shapes", "c", 3.0)],
+                    ["1 cold build", "7 large model", "9 shapes"])
+    only = document([("9 shapes", "c", 4.0), ("9 shapes", "d", 5.0)], ["9 shapes"])
+    merged = run.merge_document(full, only, {"9 shapes"})
+    rows = table_rows(merged)
+    assert [(row[0], row[1], row[3]) for row in rows] == [("1 cold build", "a", "1"), ("7 large model", "b", "2"),
+                                                          ("9 shapes", "c", "4"), ("9 shapes", "d", "5")]
+    assert merged.count("- **9 shapes**") == 1 and "`9 shapes`" in merged.splitlines()[-1]
+    assert run.merge_document(merged, only, {"9 shapes"}) == merged

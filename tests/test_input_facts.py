@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import inputs
+from pipeline import inputs, shapes
 
 pytestmark = pytest.mark.toolkit
 
@@ -63,6 +63,27 @@ def test_mean_values_apply_along_axis_1_of_4d_inputs_only(probe):
             assert result["applied_axis"] == expected, result
 
 
+def test_dynamic_input_limits_are_the_ones_the_manifest_enforces(probe):
+    """What pipeline.shapes and the manifest assume about dynamic_input, case by case."""
+    for result in probe["dynamic"]:
+        sets = [{"x": shape} for shape in result["sets"]]
+        static_dims = [d for d in result["dims"] if isinstance(d, int)]
+        fixed_dim_varies = any(shape[axis] != d for shape in result["sets"]
+                               for axis, d in enumerate(result["dims"]) if isinstance(d, int))
+        if fixed_dim_varies:
+            assert (result["outcome"], result["step"]) == ("refused", "load_onnx"), result
+            assert "not match" in result["message"]
+        elif result["size_list"]:
+            assert (result["outcome"], result["step"]) == ("refused", "build"), result
+        elif result["calibration"] != shapes.largest(sets)["x"]:
+            assert (result["outcome"], result["step"]) == ("refused", "build"), result
+            assert f"like {tuple(shapes.largest(sets)['x'])}" in result["message"]
+        else:
+            assert result["outcome"] == "accepted", result
+        assert static_dims  # every case keeps batch and channels static
+    assert max(len(r["sets"]) for r in probe["dynamic"] if r["outcome"] == "accepted") == 64
+
+
 def render(probe: dict) -> str:
     lines = [
         f"## Model inputs (measured with rknn-toolkit2 {probe['toolkit']})",
@@ -88,6 +109,25 @@ def render(probe: dict) -> str:
         applied = ", ".join("not applied" if a is None else f"axis {a}" for a in sorted(axes, key=str))
         lines.append(f"| {list(shape)} | {', '.join(str(r['count']) for r in accepted) or 'none'} | "
                      f"{'; '.join(refused) or 'none'} | {applied or '-'} |")
+    lines += [
+        "",
+        f"### `dynamic_input` (measured with rknn-toolkit2 {probe['toolkit']})",
+        "",
+        "One model for several shape sets (`shapes: dynamic`): a recogniser-like model (`x` is `[1, 3, 48, W]`",
+        "or `[1, 3, H, W]` in the ONNX file) built w8a8 on rk3588 with two `.npy` calibration samples of the",
+        "given shape, then simulated at every set. The manifest enforces what is refused here: samples at the",
+        "set with the most elements, only dims dynamic in the ONNX model may vary, and no `input_size_list`",
+        "(so a dynamic model names every model input, in order). No limit on the number of sets was found.",
+        "",
+        "| case | model input | shape sets | calibration shape | outcome |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for result in probe["dynamic"]:
+        sets = result["sets"]
+        shown = (", ".join(str(s) for s in sets) if len(sets) <= 3
+                 else f"{len(sets)} sets, {sets[0]} to {sets[-1]}")
+        outcome = result["outcome"] + (f" in {result['step']}: `{result['message']}`" if result["message"] else "")
+        lines.append(f"| {result['case']} | {result['dims']} | {shown} | {result['calibration']} | {outcome} |")
     return "\n".join(lines) + "\n"
 
 

@@ -276,3 +276,140 @@ def test_quantized_multi_input_builds_in_a_path_with_spaces_and_accents(tmp_path
     assert [s["path"] for s in detector["inputs"]["dataset"]["samples"]] == [
         "examples/calib/multi/image_0.npy", "examples/calib/multi/scale_0.npy",
         "examples/calib/multi/image_1.npy", "examples/calib/multi/scale_1.npy"]
+
+
+# --- several shapes: buckets and one dynamic model ------------------------------
+
+WIDTHS = "inputs: { x: [[1, 3, 48, 160], [1, 3, 48, 320], [1, 3, 48, 640]] }\n"
+
+
+@pytest.fixture
+def recogniser(workdir) -> Path:
+    shutil.copy(MODELS / "tiny_recogniser.onnx", workdir / "rec.onnx")
+    for width in (160, 320, 640):
+        np.save(workdir / "calib" / f"line_{width}.npy", np.zeros((1, 3, 48, width), np.float32))
+    return workdir
+
+
+def test_buckets_become_units_of_work_with_their_own_names_and_samples(recogniser):
+    path = manifest(recogniser, WIDTHS + textwrap.dedent("""\
+        quantization:
+          dataset:
+            x: [calib/line_160.npy, calib/line_320.npy, calib/line_640.npy, calib/photo.jpg]
+        """), source="rec.onnx")
+    loaded = load_manifest(path.name)
+    assert [m["name"] for m in loaded.models] == ["m.1x3x48x160", "m.1x3x48x320", "m.1x3x48x640"]
+    bucket = loaded.model("m.1x3x48x320")
+    assert bucket["inputs"] == {"x": [1, 3, 48, 320]} and bucket["bucket"]["model"] == "m"
+    calib = recogniser / "calib"
+    assert bucket["quantization"]["samples"] == [[str(calib / "line_320.npy")], [str(calib / "photo.jpg")]]
+    assert bucket["quantization"]["images"][0]["shape"] == [1, 3, 48, 320]  # the image is decoded per bucket
+    from pipeline.conversion import toolkit_arguments
+
+    args = toolkit_arguments(bucket, "rk3588", "rec.onnx")
+    assert args["load_onnx"]["input_size_list"] == [[1, 3, 48, 320]] and "dynamic_input" not in args["config"]
+
+
+def test_a_dynamic_model_is_one_unit_calibrated_at_its_largest_set(recogniser):
+    path = manifest(recogniser, WIDTHS + "shapes: dynamic\nquantization: { dataset: { x: [calib/line_640.npy] } }\n",
+                    source="rec.onnx")
+    (model,) = load_manifest(path.name).models
+    assert model["name"] == "m" and model["inputs"] == {"x": [1, 3, 48, 640]} and len(model["shape_sets"]) == 3
+    from pipeline.conversion import toolkit_arguments
+
+    args = toolkit_arguments(model, "rk3588", "rec.onnx")
+    assert args["config"]["dynamic_input"] == [[[1, 3, 48, 160]], [[1, 3, 48, 320]], [[1, 3, 48, 640]]]
+    assert args["load_onnx"] == {}  # the toolkit's build fails with input_size_list beside dynamic_input
+
+
+def test_shape_problems_are_reported_at_load(recogniser):
+    bad_lists = manifest(recogniser, "inputs: { x: [[1, 3, 48, 160], 320] }\n", source="rec.onnx")
+    assert [p.split(": ", 1)[1] for p in problems(bad_lists)] == [
+        "input 'x' mixes dims and shapes: give one shape [1, 3, 224, 224] or a list of shapes "
+        "[[1, 3, 48, 160], [1, 3, 48, 320]]"]
+    unequal = manifest(recogniser, "inputs: { image: [[1, 3, 32, 32], [1, 3, 64, 64]], "
+                       "scale: [[1, 4], [1, 4], [1, 4]] }\n")
+    assert problems(unequal) == ["models.yaml:6:13: inputs with a list of shapes must list the same number "
+                                 "(one per shape set); got image: 2, scale: 3"]
+    static_dim = manifest(recogniser, "inputs: { x: [[1, 3, 48, 160], [1, 3, 96, 160]] }\nshapes: dynamic\n",
+                          source="rec.onnx")
+    assert problems(static_dim) == ["models.yaml:6:36: shape [1, 3, 96, 160] changes dim 2, which the model fixes "
+                                    "at 48: the toolkit refuses it in dynamic_input (only dims dynamic in the ONNX "
+                                    "model may vary)"]
+    twice = manifest(recogniser, WIDTHS + "shapes: dynamic\noptions: { dynamic_input: [[[1, 3, 48, 160]]] }\n",
+                     source="rec.onnx")
+    assert problems(twice)[0].startswith("models.yaml:8:31: options.dynamic_input and a list of shapes in inputs")
+    reordered = manifest(recogniser, "inputs: { scale: [[1, 4], [1, 4]], image: [[1, 3, 32, 32], [1, 3, 64, 64]] }\n"
+                         "shapes: dynamic\n")
+    assert "list every model input in the model's order (image, scale)" in problems(reordered)[0]
+
+
+def test_samples_must_fit_the_toolkits_calibration_shape(recogniser):
+    dynamic = manifest(recogniser, WIDTHS + "shapes: dynamic\n"
+                       "quantization: { dataset: { x: [calib/line_320.npy] } }\n", source="rec.onnx")
+    assert problems(dynamic) == ["models.yaml:8:36: sample 'line_320.npy' has shape [1, 3, 48, 320] but input 'x' "
+                                 "is [1, 3, 48, 640]"]
+    buckets = manifest(recogniser, WIDTHS + "quantization: { dataset: { x: [calib/line_160.npy, calib/line_640.npy] } }\n",
+                       source="rec.onnx")
+    assert problems(buckets) == ["models.yaml:7:30: bucket 'm.1x3x48x320' has no calibration step whose samples all "
+                                 "have its shapes (x [1, 3, 48, 320]): add .npy samples of that shape, or give "
+                                 "images, which are resized"]
+
+
+def test_a_bucket_name_may_not_clash_with_a_model(recogniser):
+    text = (f"version: 1\nmodels:\n  - name: m.1x3x48x320\n    source: rec.onnx\n    targets: [rk3588]\n"
+            f"  - name: m\n    source: rec.onnx\n    targets: [rk3588]\n    {WIDTHS}")
+    (recogniser / "models.yaml").write_text(text)
+    assert problems(recogniser / "models.yaml") == [
+        "models.yaml:9:13: bucket 'm.1x3x48x320' of this model has the name of the model at line 3"]
+
+
+ROWS = """\
+version: 1
+defaults:
+  targets: [rk3588]
+  verify: { samples: 2, min_cosine: 0.98 }
+  mean_values: [[0, 0, 0]]
+  std_values: [[255, 255, 255]]
+  quantization:
+    dataset: { x: [examples/calib/sample_0.jpg, examples/calib/sample_1.jpg] }
+models:
+  - name: rec
+    source: examples/models/tiny_recogniser.onnx
+    inputs: { x: [[1, 3, 48, 160], [1, 3, 48, 320], [1, 3, 48, 640]] }
+  - name: rec_dynamic
+    source: examples/models/tiny_recogniser.onnx
+    inputs: { x: [[1, 3, 48, 160], [1, 3, 48, 320], [1, 3, 48, 640]] }
+    shapes: dynamic
+"""
+
+
+@pytest.mark.toolkit
+def test_a_recogniser_builds_as_buckets_and_as_one_dynamic_model_verified_at_each_width(tmp_path):
+    from conftest import Project
+
+    project = Project(tmp_path)
+    project.write_manifest(ROWS)
+    first = project.doit()
+    dist = tmp_path / "dist" / "rk3588"
+    for width in (160, 320, 640):
+        name = f"rec.1x3x48x{width}"
+        sidecar = json.loads((dist / f"{name}.json").read_text())
+        assert (dist / f"{name}.rknn").stat().st_size > 1000
+        assert sidecar["shapes"] == {"mode": "buckets", "model": "rec", "inputs": {"x": [1, 3, 48, width]}}
+        assert sidecar["verify"]["passed"] and sidecar["verify"]["input_source"] == "dataset"
+        assert sidecar["verify"]["outputs"][0]["shape"] == [1, 10, 1, width // 4]
+        assert f"convert {name}@rk3588" in first.stdout
+    dynamic = json.loads((dist / "rec_dynamic.json").read_text())
+    assert dynamic["arguments"]["config"]["dynamic_input"] == [[[1, 3, 48, w]] for w in (160, 320, 640)]
+    per_width = dynamic["verify"]["shapes"]
+    assert [s["inputs"]["x"][3] for s in per_width] == [160, 320, 640]
+    assert all(s["passed"] and s["outputs"][0]["cosine"] >= 0.98 for s in per_width)
+    assert all(s["input_source"] == "dataset" for s in per_width)  # the images, decoded at each width
+    assert [s["outputs"][0]["shape"] for s in per_width] == [[1, 10, 1, w // 4] for w in (160, 320, 640)]
+    lock = json.loads((tmp_path / "dist" / "models.lock.json").read_text())["entries"]
+    assert sorted(lock) == ["rk3588/rec.1x3x48x160", "rk3588/rec.1x3x48x320", "rk3588/rec.1x3x48x640",
+                            "rk3588/rec_dynamic"]
+    keys = {json.loads((tmp_path / "build" / f"rec.1x3x48x{w}" / "rk3588" / "convert.json").read_text())
+            ["cache"]["key"] for w in (160, 320, 640)}
+    assert len(keys) == 3  # each bucket is its own conversion identity
