@@ -113,15 +113,22 @@ def detail_lines(record: dict) -> list[str]:
     return lines
 
 
-def prestart_conversion(manifest, layout, model: dict, target: str, resolved: dict) -> None:
-    """Start the toolkit's import now if this pair will be converted rather than restored from the
-    cache, so the import overlaps the analysis and resolution still to run."""
+def prestart_conversion(manifest, layout, model: dict, target: str, resolved: dict | None = None) -> None:
+    """Start the toolkit's import now if this pair will be converted, so the import overlaps the
+    analysis and resolution still to run.
+
+    An analysis that runs means the pair changed, so it converts, unless the cache holds it:
+    without a cache the import starts at ``analyze``; with one, at ``resolve`` (``resolved``
+    given), where the cache key is known and a hit starts nothing.
+    """
     from pipeline import cache, conversion
 
     store = cache.store_from(manifest.cache_dir)
-    if store is not None and store.has(cache.cache_key(cache_document(manifest, model, target, resolved))):
+    if store is not None and (resolved is None or store.has(
+            cache.cache_key(cache_document(manifest, model, target, resolved)))):
         return
-    conversion.prestart_worker(conversion.make_job(model, target, resolved, layout.workdir(model["name"], target)))
+    conversion.prestart_worker(conversion.make_job(model, target, resolved or {},
+                                                   layout.workdir(model["name"], target)))
 
 
 def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str, list[str]]:

@@ -163,7 +163,7 @@ def export_key(model: dict, target: str) -> dict:
 # -- actions (module level: picklable for doit -n N) --------------------------
 
 def run_analyze(name: str, target: str) -> TaskFailed | None:
-    from pipeline import analysis
+    from pipeline import analysis, stages
     from pipeline.placement_rules import Rules
 
     manifest, layout = context()
@@ -173,6 +173,7 @@ def run_analyze(name: str, target: str) -> TaskFailed | None:
     except analysis.AnalysisError as exc:
         return TaskFailed(f"{manifest.location('models', model['index'], 'source')}: {name}@{target}: {exc}")
     files.atomic_write_json(layout.analysis(name, target), doc)
+    stages.prestart_conversion(manifest, layout, model, target)
     print(f"analyze {name}@{target}  {analysis.summary_line(doc)}")
     return None
 

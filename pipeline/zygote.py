@@ -26,6 +26,7 @@ process per conversion) is in :mod:`pipeline.conversion`.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -249,6 +250,11 @@ def main(argv: list[str]) -> int:
         _reply(replies, {"error": f"cannot import the toolkit: {type(exc).__name__}: {exc}"})
         return 1
     _warm_up()
+    # Every object imported so far is shared with the children copy-on-write. A garbage collection in a
+    # child would walk them all and write to each one's header, copying the whole heap page by page;
+    # frozen, the collector ignores them (gc.freeze exists for exactly this).
+    gc.collect()
+    gc.freeze()
     _reply(replies, {"ready": os.getpid()})
     me = os.getpid()
     with os.fdopen(requests, "rb", buffering=0) as stream:
