@@ -3,6 +3,7 @@
     uv run python benchmarks/run.py              # full run: prints the table, writes docs/benchmarks.md
     uv run python benchmarks/run.py --repeat 5   # more runs per figure (default 3)
     uv run python benchmarks/run.py --tiny --out b.md  # smoke configuration (seconds, not minutes)
+    uv run python benchmarks/run.py --only "4 parallel,7 large model"  # refresh just these rows and notes
 
 Everything happens in a scratch directory (deleted afterwards unless ``--keep``):
 each measured build gets a fresh copy of ``dodo.py``, ``examples/`` and a manifest,
@@ -53,6 +54,8 @@ BENCH_MODELS = ("inception_v2", "inception_v2_int8", "densenet121", "shufflenet"
 PARALLEL_TARGETS = ("rk3588", "rk3576", "rk3566", "rk3562")  # all convert float16 models
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore",
             "6 scale", "7 large model", "8 worker model", "9 shapes")
+# sections measured on section 1's build (see Benchmark.run)
+NEEDS_BUILD = ("1 cold build", "2 no-op rebuild", "3 one changed", "5 cache restore", "6 scale")
 SHAPE_MODELS = ("rec", "rec_dynamic")  # models.yaml entries: one recogniser as buckets and as one dynamic model
 
 
@@ -421,7 +424,7 @@ def seed_cache(cache_dir: Path, ws: Path) -> None:
             name = model["name"]
             workdir = layout.workdir(name, target)
             resolved = files.read_json(layout.resolved(name, target))
-            key = cache.cache_key(stages.cache_document(manifest, model, target, resolved))
+            key = stages.conversion_key(manifest, layout, model, target, resolved)
             store.put(key, {f: workdir / f for f in stages.CACHED_FILES}, meta={"model": name, "target": target})
 
 
@@ -674,14 +677,22 @@ class Benchmark:
         return dict(self.scratch.env, **{CACHE_ENV: str(self.cache_dir)})
 
     def run(self, only: set[str] | None = None) -> None:
-        """Every section, or only those in ``only`` (sections 1-3 share one build: any of them runs all three)."""
-        if not only or only & set(SECTIONS[:3]):
+        """Every section, or only those in ``only``.
+
+        Sections 2, 3, 5 and 6 start from section 1's build (its peers, its cache, its
+        timings), so section 1 runs whenever one of them is asked for; ``main`` reports
+        only the sections asked for.
+        """
+        wanted = (lambda section: not only or section in only)
+        if any(wanted(section) for section in NEEDS_BUILD):
             built = self.timed(self.cold_build)
-            self.timed(self.noop_rebuild, built)
-            self.timed(self.one_changed, built)
+            if wanted(SECTIONS[1]):
+                self.timed(self.noop_rebuild, built)
+            if wanted(SECTIONS[2]):
+                self.timed(self.one_changed, built)
         figures = (self.parallel, self.cache_restore, self.scale, self.large_model, self.worker_model, self.shapes)
         for section, figure in zip(SECTIONS[3:], figures):
-            if not only or section in only:
+            if wanted(section):
                 self.timed(figure)
 
     @staticmethod
@@ -801,7 +812,7 @@ class Benchmark:
         self.add(section, "`doit -n 2 -P process`", "s", timings["parallel"])
         self.add(section, "speed-up -n 1 / -n 2", "x", ratios(timings["serial"], timings["parallel"]))
         if rss:
-            self.add(section, "peak RSS per worker interpreter (a zygote, or a fresh worker after a fallback)",
+            self.add(section, "peak RSS per conversion worker interpreter (the zygote of each task process)",
                      "MiB", rss)
         how = "GNU time's %M" if os.access(GNU_TIME, os.X_OK) else "getrusage(RUSAGE_CHILDREN).ru_maxrss"
         self.note(section, f"Conversions: {pairs} (the generated Conv+AveragePool 1x3x16x16 model, float16, "
@@ -828,7 +839,7 @@ class Benchmark:
         self.add(section, f"fresh workspace, warm {CACHE_ENV} (all {count} restored)", "s", warm)
         self.add(section, "ratio warm cache / cold build (section 1)", "x", ratios(warm, self.cold))
         self.note(section, "The cache is filled with the outputs of section 1's first build, under the keys "
-                           "the pipeline computes (`pipeline.stages.cache_document`), to spare one more cold "
+                           "the pipeline computes (`pipeline.stages.conversion_key`), to spare one more cold "
                            "build; a warm build that does not restore every conversion fails the benchmark. "
                            "A warm build still analyses and resolves every model (no toolkit), then restores "
                            "model.rknn, convert.json, placement.json and convert.log after re-hashing them.")
@@ -1130,6 +1141,11 @@ def merge_document(old: str, new: str, sections: set[str]) -> str:
 _REFRESHED = "Sections measured again on their own with `--only`:"
 
 
+def selected_sections(values: list[str]) -> set[str]:
+    """``--only`` values, each one section or a comma-separated list of them."""
+    return {name.strip() for value in values for name in value.split(",") if name.strip()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="fast smoke configuration; never writes the docs")
@@ -1137,11 +1153,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=f"write the markdown here (default without --tiny: "
                                                  f"{DOCS_OUT.relative_to(REPO)})")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory and print its path")
-    parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
-                        help="run only this section (repeatable); the document keeps the other sections' rows")
+    parser.add_argument("--only", action="append", metavar="SECTION[,SECTION...]",
+                        help="run only these sections (comma-separated or repeated), e.g. --only '4 parallel'; "
+                             "the document keeps the other sections' rows and notes. Sections: "
+                             + ", ".join(SECTIONS))
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    only = selected_sections(args.only or [])
+    unknown = sorted(only - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SECTIONS)}")
     config = tiny_config() if args.tiny else full_config(args.repeat)
     out = args.out or (None if args.tiny else DOCS_OUT)
 
@@ -1154,7 +1176,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Scratch(root)
         make_tiny_assets(root / "assets" / "tiny")
         bench = Benchmark(scratch, config)
-        bench.run(set(args.only or ()))
+        bench.run(only)
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
@@ -1163,13 +1185,15 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"scratch directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+    if only:  # a dependency (section 1) may have measured more than was asked for
+        bench.rows = [row for row in bench.rows if row.section in only]
     table = render_table(bench.rows)
     print(table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         document = render_document(bench, table, time.perf_counter() - started)
         if args.only and out.exists():
-            document = merge_document(out.read_text(), document, {row.section for row in bench.rows})
+            document = merge_document(out.read_text(), document, only)
         out.write_text(document)
         progress(f"wrote {out}")
     return 0

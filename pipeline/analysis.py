@@ -348,7 +348,17 @@ def analyze(model_record: dict, target: str, rules) -> dict:
             for n in nodes if n["predicted"]["placement"] in ("cpu", "unsupported")
         ],
         "nodes": nodes,
+        "external_data": external_data_locations(model),
     }
+
+
+def external_data_locations(model) -> list[str]:
+    """The external weight files the model names, relative to it (they are part of its identity)."""
+    import onnx
+
+    return sorted({entry.value for tensor in _all_tensors(model.graph)
+                   if tensor.data_location == onnx.TensorProto.EXTERNAL
+                   for entry in tensor.external_data if entry.key == "location" and entry.value})
 
 
 # -- checks for models the toolkit would fail on ------------------------------

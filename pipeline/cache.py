@@ -10,6 +10,12 @@ against the entry's ``entry.json`` before restoring anything, and discards an
 entry that does not match, so a corrupted cache costs a rebuild, never a wrong
 model. Writes are atomic: an entry directory appears complete or not at all.
 
+Stores are chosen by URL scheme in :func:`open_store` (a plain path is a
+:class:`LocalStore`; ``s3://``, ``gs://`` and ``az://`` are object stores in
+:mod:`pipeline.remote_store`). ``RKNN_PIPELINE_CACHE_MODE=read`` makes any store
+read-only (laptops read what CI writes). With signing keys configured
+(:mod:`pipeline.signing`), entries are signed on write and checked on read.
+
 Layout of a :class:`LocalStore`::
 
     <root>/<key[:2]>/<key>/entry.json   the record: file names, sizes, sha256s
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +44,7 @@ from pipeline.files import PARTIAL_SUFFIX
 
 CACHE_FORMAT = 1
 ENV_VAR = "RKNN_PIPELINE_CACHE"
+MODE_VAR = "RKNN_PIPELINE_CACHE_MODE"
 ENTRY_FILE = "entry.json"
 
 _CHUNK = 1 << 20
@@ -47,7 +55,7 @@ class CacheError(OSError):
     """The cache could not be written or read back; the message says what to do about it."""
 
 
-class _CorruptEntry(Exception):
+class CorruptEntry(Exception):
     """An entry failed verification; the message is the reason shown to the user."""
 
 
@@ -74,6 +82,14 @@ def cache_key(document: dict) -> str:
 
 
 def file_sha256(path) -> str:
+    """sha256 hex of a file's bytes, remembered per file version within a process (keys, sidecars and
+    provenance hash the same sources many times in one build)."""
+    info = os.stat(path)
+    return _sha256_of(os.path.abspath(path), info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, inode: int, mtime_ns: int, size: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
@@ -100,18 +116,64 @@ def check_name(name) -> str:
 
 
 class ArtifactStore(Protocol):
-    """What the pipeline needs from a cache, kept small so a remote object store can implement it.
+    """What the pipeline needs from a cache, kept small so any object store can implement it.
 
     Contract: ``get`` returns only files whose contents match what ``put``
     stored (else None, and the caller rebuilds); ``put`` of an existing key is
-    a no-op, since equal keys mean equal artifacts.
+    a no-op, since equal keys mean equal artifacts; ``meta`` returns the meta
+    document ``put`` stored (durations for planning, the model that stored it)
+    without fetching the artifacts. A read-only store's ``put`` does nothing.
     """
+
+    url: str
+    writable: bool
 
     def has(self, key: str) -> bool: ...
 
     def get(self, key: str, dest_dir: Path) -> dict[str, Path] | None: ...
 
     def put(self, key: str, files: dict[str, Path], meta: dict | None = None) -> None: ...
+
+    def meta(self, key: str) -> dict | None: ...
+
+
+def entry_document(key: str, records: dict, meta: dict, signing=None) -> dict:
+    """The record that vouches for an entry's files (``records``: name -> size and sha256), signed if we can."""
+    entry = {
+        "key": key,
+        "cache_format": CACHE_FORMAT,
+        "files": records,
+        "meta": meta,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if signing is not None and signing.can_sign:
+        entry["signature"] = signing.sign(canonical_json(entry))
+    return entry
+
+
+def checked_records(key: str, entry, signing=None) -> dict:
+    """The ``files`` of a parsed entry document, after every check that needs no file contents.
+
+    Raises :class:`CorruptEntry` for a malformed entry and
+    :class:`pipeline.signing.SignatureError` for a missing or wrong signature.
+    """
+    records = entry.get("files") if isinstance(entry, dict) else None
+    if not isinstance(records, dict) or entry.get("key") != key or entry.get("cache_format") != CACHE_FORMAT:
+        raise CorruptEntry(f"{ENTRY_FILE} does not describe key {key} in cache format {CACHE_FORMAT}")
+    for name, record in records.items():
+        try:
+            check_name(name)
+        except ValueError:
+            raise CorruptEntry(f"{ENTRY_FILE} names {name!r}, which is not a plain file name") from None
+        if not _is_record(record):
+            raise CorruptEntry(f"{ENTRY_FILE} has no valid size and sha256 for {name}")
+    if signing is not None:
+        signing.check(canonical_json({k: v for k, v in entry.items() if k != "signature"}), entry.get("signature"))
+    return records
+
+
+def read_only() -> bool:
+    return os.environ.get(MODE_VAR, "").strip().lower() in ("read", "ro", "read-only", "readonly")
 
 
 def _warn_stderr(message: str) -> None:
@@ -125,9 +187,13 @@ class LocalStore(ArtifactStore):
     ``root`` holds the temporaries as well as the entries.
     """
 
-    def __init__(self, root: Path, warn: Callable[[str], None] | None = None):
+    def __init__(self, root: Path, warn: Callable[[str], None] | None = None, *, writable: bool = True,
+                 signing=None):
         self.root = Path(root)
+        self.url = str(self.root)
+        self.writable = writable
         self._warn = warn or _warn_stderr
+        self._signing = signing
 
     def entry_dir(self, key: str) -> Path:
         check_key(key)
@@ -140,10 +206,15 @@ class LocalStore(ArtifactStore):
         entry_dir = self.entry_dir(key)
         if not entry_dir.exists():
             return None
+        from pipeline.signing import SignatureError
+
         try:
             names = self._verified_names(key, entry_dir)
-        except _CorruptEntry as exc:
+        except CorruptEntry as exc:
             self._discard(key, entry_dir, str(exc))
+            return None
+        except SignatureError as exc:  # not ours to delete: the reader may hold the wrong key
+            self._warn(f"cache entry {key} in {self.root} was not restored: {exc}; it will be rebuilt")
             return None
         try:
             return _restore(entry_dir, names, Path(dest_dir))
@@ -159,7 +230,7 @@ class LocalStore(ArtifactStore):
             check_name(name)
         meta = meta or {}
         canonical_json(meta)  # refuse unserialisable meta before touching the disk
-        if self.has(key):
+        if not self.writable or self.has(key):
             return
         temp = None
         try:
@@ -171,13 +242,7 @@ class LocalStore(ArtifactStore):
             for name, source in files.items():
                 shutil.copyfile(source, temp / name)
                 records[name] = _sync_and_describe(temp / name)
-            entry = {
-                "key": key,
-                "cache_format": CACHE_FORMAT,
-                "files": records,
-                "meta": meta,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            }
+            entry = entry_document(key, records, meta, self._signing)
             # Written last: an entry.json vouches for files already on disk.
             _write_synced(temp / ENTRY_FILE, json.dumps(entry, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
             self._install(key, temp, entry_dir)
@@ -190,6 +255,13 @@ class LocalStore(ArtifactStore):
         finally:
             if temp is not None and temp.exists():
                 shutil.rmtree(temp, ignore_errors=True)
+
+    def meta(self, key: str) -> dict | None:
+        try:
+            entry = json.loads((self.entry_dir(key) / ENTRY_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return entry.get("meta") if isinstance(entry, dict) else None
 
     def _install(self, key: str, temp: Path, entry_dir: Path) -> None:
         """Rename the finished temp dir into place; an entry already there wins."""
@@ -208,37 +280,28 @@ class LocalStore(ArtifactStore):
         raise FileExistsError(f"{entry_dir} keeps reappearing without {ENTRY_FILE}; remove it by hand")
 
     def _verified_names(self, key: str, entry_dir: Path) -> list[str]:
-        """Check entry.json and every file it lists; raise _CorruptEntry on the first mismatch."""
+        """Check entry.json and every file it lists; raise CorruptEntry on the first mismatch."""
         try:
             entry = json.loads((entry_dir / ENTRY_FILE).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise _CorruptEntry(f"{ENTRY_FILE} is missing") from None
+            raise CorruptEntry(f"{ENTRY_FILE} is missing") from None
         except (OSError, ValueError) as exc:
-            raise _CorruptEntry(f"{ENTRY_FILE} is unreadable: {exc}") from None
-        records = entry.get("files") if isinstance(entry, dict) else None
-        if not isinstance(records, dict) or entry.get("key") != key or entry.get("cache_format") != CACHE_FORMAT:
-            raise _CorruptEntry(f"{ENTRY_FILE} does not describe key {key} in cache format {CACHE_FORMAT}")
-        for name, record in records.items():
-            try:
-                check_name(name)
-            except ValueError:
-                raise _CorruptEntry(f"{ENTRY_FILE} names {name!r}, which is not a plain file name") from None
-            if not _is_record(record):
-                raise _CorruptEntry(f"{ENTRY_FILE} has no valid size and sha256 for {name}")
+            raise CorruptEntry(f"{ENTRY_FILE} is unreadable: {exc}") from None
+        records = checked_records(key, entry, self._signing)
         # Sizes first: a truncated file is caught without reading anything.
         for name, record in records.items():
             path = entry_dir / name
             if path.is_symlink() or not path.is_file():
-                raise _CorruptEntry(f"{name} is missing")
+                raise CorruptEntry(f"{name} is missing")
             size = path.stat().st_size
             if size != record["size"]:
-                raise _CorruptEntry(f"{name} is {size} bytes, expected {record['size']}")
+                raise CorruptEntry(f"{name} is {size} bytes, expected {record['size']}")
         for name, record in records.items():
             try:
                 if file_sha256(entry_dir / name) != record["sha256"]:
-                    raise _CorruptEntry(f"{name} does not match its sha256")
+                    raise CorruptEntry(f"{name} does not match its sha256")
             except OSError as exc:
-                raise _CorruptEntry(f"{name} is unreadable: {exc}") from None
+                raise CorruptEntry(f"{name} is unreadable: {exc}") from None
         return list(records)
 
     def _discard(self, key: str, entry_dir: Path, reason: str) -> None:
@@ -301,10 +364,35 @@ def _restore(entry_dir: Path, names: list[str], dest_dir: Path) -> dict[str, Pat
         raise
 
 
-def store_from(manifest_cache_dir: Path | None) -> LocalStore | None:
-    """The cache to use: $RKNN_PIPELINE_CACHE (so CI can redirect it) over the manifest's directory."""
-    root = os.environ.get(ENV_VAR) or manifest_cache_dir
-    return LocalStore(Path(root).expanduser()) if root else None
+# Object-store URL schemes, each served by pipeline.remote_store through fsspec: adding a
+# backend that fsspec knows is one line here (plus its fsspec package in pyproject.toml).
+REMOTE_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+def open_store(url: str, *, warn: Callable[[str], None] | None = None) -> ArtifactStore:
+    """The store for ``url``: a local directory (a path or ``file://``) or an object-store URL.
+
+    The one place that chooses a backend. ``RKNN_PIPELINE_CACHE_MODE=read``
+    makes it read-only; signing keys from the environment sign and check entries.
+    """
+    from pipeline.signing import Signing
+
+    signing = Signing.from_environment()
+    scheme, sep, rest = str(url).partition("://")
+    if not sep or scheme == "file":
+        return LocalStore(Path(rest if sep else url).expanduser(), warn, writable=not read_only(), signing=signing)
+    if scheme not in REMOTE_SCHEMES:
+        raise CacheError(f"cache URL {url!r}: unknown scheme {scheme!r}; use a directory or one of "
+                         + ", ".join(f"{name}://" for name in REMOTE_SCHEMES))
+    from pipeline.remote_store import ObjectStore
+
+    return ObjectStore(str(url), warn, writable=not read_only(), signing=signing)
+
+
+def store_from(manifest_cache_url: str | Path | None) -> ArtifactStore | None:
+    """The cache to use: $RKNN_PIPELINE_CACHE (so CI can redirect it) over the manifest's ``cache``."""
+    url = os.environ.get(ENV_VAR) or manifest_cache_url
+    return open_store(str(url)) if url else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,9 +53,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: Path, data) -> None:
-    """Pretty, key-sorted JSON with a trailing newline (stable bytes for the same data)."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+def atomic_write_json(path: Path, data, *, compact: bool = False) -> None:
+    """Key-sorted JSON with a trailing newline (stable bytes for the same data): pretty, or ``compact``
+    for large machine records (Python's C encoder is used only without indentation: 5x faster)."""
+    if compact:
+        text = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    else:
+        text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
+    atomic_write_text(path, text + "\n")
 
 
 def atomic_copy(source: Path, destination: Path) -> None:

@@ -160,6 +160,9 @@ def normalisation_problem(values, info: InputInfo, key: str) -> str | None:
         if len(values) != want:
             where = f"dim 1 of {list(shape)}" if channel_axis(shape) is not None else f"rank-1 input {list(shape)}"
             unused = "" if is_normalised(shape) else "; the toolkit checks but does not apply them to non-4-D inputs"
+            if len(shape) == 4 and len(values) == shape[3] != shape[1]:
+                unused += ("; it counts dim 1 of an NHWC input too, so per-colour values cannot be given: "
+                           "normalise inside the model, or give the model an NCHW input")
             return (f"{key} for input {info.name!r} has {len(values)} value(s), but the toolkit expects "
                     f"{want} ({where}){unused}")
     return None

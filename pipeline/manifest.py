@@ -84,7 +84,7 @@ class Manifest:
     directory: Path
     version: int
     toolkit: str | None
-    cache_dir: Path | None
+    cache_url: str | None  # a local directory (absolute) or an object-store URL such as s3://bucket/prefix
     models: list[dict]
     _doc: YamlDocument = field(repr=False, compare=False)
 
@@ -126,10 +126,20 @@ def load_manifest(path, *, check_files: bool = True) -> Manifest:
         directory=directory,
         version=doc.data["version"],
         toolkit=doc.data.get("toolkit"),
-        cache_dir=Path(_absolute(directory, cache["dir"])) if cache else None,
+        cache_url=_cache_url(directory, cache),
         models=models,
         _doc=doc,
     )
+
+
+def _cache_url(directory: Path, cache: dict | None) -> str | None:
+    """The manifest's cache as a URL: ``dir`` (relative to the manifest) or ``url`` (a path or object-store URL)."""
+    if not cache:
+        return None
+    value = cache.get("url") or cache.get("dir")
+    if "://" in value:
+        return value
+    return _absolute(directory, value)
 
 
 def _top_level_problem(doc: YamlDocument) -> Problem:
@@ -359,6 +369,7 @@ def _message(error, path: tuple) -> str:
         "enum": lambda: _enum_message(path, value, rule),
         "const": lambda: f"{label} must be {rule!r}, got {_describe(value)}",
         "pattern": lambda: f"invalid {label} {value!r}: {error.schema.get('errorMessage', f'must match {rule}')}",
+        "oneOf": lambda: f"invalid {label} {value!r}: {error.schema.get('errorMessage', 'matches none of its forms')}",
         "minLength": lambda: f"{label} must not be empty",
         "maxLength": lambda: f"{label} is longer than {rule} characters",
         "minItems": lambda: f"{label} must not be empty" if rule == 1 else f"{label} needs at least {rule} items",
@@ -607,6 +618,30 @@ class _Checker:
             self.check_quantization(model, infos)
         if graph is not None and self.clean(model, "inputs", "outputs", "quantization", "mean_values", "std_values"):
             self.check_tensor_names(model, graph)
+        if model.get("runtime") and self.clean(model, "targets", "runtime", "allow_newer_toolkit"):
+            self.check_runtime(model)
+
+    def check_runtime(self, model: dict) -> None:
+        """The boards' runtime against the toolkit that builds each target (pipeline/runtime_gate.py)."""
+        from pipeline import runtime_gate
+        from pipeline.toolkit import installed_version
+
+        runtime = model["runtime"]
+        if isinstance(runtime, dict):
+            for target in runtime:
+                if target not in model["targets"]:
+                    message = (f"runtime for {target!r}, which model {model['name']!r} does not build "
+                               f"(targets: {', '.join(model['targets'])})")
+                    self.report.add_model(model, "runtime", target, message=message, key=True)
+        for target in model["targets"]:
+            declared = runtime_gate.runtime_for(model, target)
+            toolkit = runtime_gate.toolkit_for(model, target, installed_version())
+            if not declared or not toolkit:
+                continue
+            verdict = runtime_gate.check(target, toolkit, declared, bool(model.get("allow_newer_toolkit")))
+            where = ("runtime", target) if isinstance(runtime, dict) else ("runtime",)
+            for message in verdict.errors:
+                self.report.add_model(model, *where, message=message)
 
     def check_targets(self, model: dict) -> None:
         if not model["targets"]:
@@ -807,8 +842,8 @@ class _Checker:
         widths = {len(paths) for _, paths in rows}
         if infos is not None and len(widths) == 1 and widths != {len(infos)}:
             problems = [*problems, f"has {widths.pop()} path(s) per line but the model has {len(infos)} inputs"]
-        elif infos is not None and not problems:
-            problems = _row_problems(rows, infos)
+        elif infos is not None:
+            problems = [*problems, *_row_problems(rows, infos)]
         for problem in problems:
             self.report.add_model(model, "quantization", "dataset", message=f"dataset {raw!r} {problem}")
 
@@ -818,6 +853,7 @@ class _Checker:
         where = ("quantization", "dataset")
         mapping = quant["dataset"]
         found = True
+        unreadable = set()
         for name, entry in mapping.items():
             for index, path in enumerate(entry["samples"]):
                 problem = _file_problem(path) or (None if path.lower().endswith(SAMPLE_TYPES)
@@ -826,6 +862,7 @@ class _Checker:
                     path_in_manifest = self.sample_path(model, name, index)
                     raw = _raw_value(self.data, model, path_in_manifest)
                     self.report.add_model(model, *path_in_manifest, message=f"sample {raw!r} {problem}")
+                    unreadable.add(path)
                     found = False
         counts = {name: len(entry["samples"]) for name, entry in mapping.items()}
         if len(set(counts.values())) > 1:
@@ -847,16 +884,17 @@ class _Checker:
             message = f"dataset has no samples for input(s) {', '.join(map(repr, missing))}: give samples for every input"
             self.report.add_model(model, *where, message=message)
             found = False
-        if not found:
-            return
-        for name, entry in mapping.items():
-            for index, path in enumerate(entry["samples"]):
+        for name, entry in mapping.items():  # every readable sample of a known input, whatever else is wrong
+            for index, path in enumerate(entry["samples"] if name in by_name else ()):
+                if path in unreadable:
+                    continue
                 problem = input_facts.sample_problem(path, by_name[name], entry.get("layout"))
                 if problem:
                     self.report.add_model(model, *self.sample_path(model, name, index),
                                           message=f"sample {os.path.basename(path)!r} {problem}")
-        quant["samples"] = [list(row) for row in zip(*(mapping[info.name]["samples"] for info in infos))]
-        quant["images"] = [_decode_spec(mapping[info.name], info) for info in infos]
+        if found:
+            quant["samples"] = [list(row) for row in zip(*(mapping[info.name]["samples"] for info in infos))]
+            quant["images"] = [_decode_spec(mapping[info.name], info) for info in infos]
 
     def sample_path(self, model: dict, name: str, index: int) -> tuple:
         """The manifest path of one sample of a dataset mapping (short or long form)."""
@@ -1061,6 +1099,8 @@ def _row_problems(rows: list[tuple[int, list[str]]], infos: list) -> list[str]:
     problems = []
     for number, paths in rows:
         for path, info in zip(paths, infos):
+            if not os.path.isfile(path) or not path.lower().endswith(SAMPLE_TYPES):
+                continue  # reported by _sample_problems
             problem = input_facts.sample_problem(path, info)
             if problem:
                 problems.append(f"line {number}: sample {os.path.basename(path)!r} {problem}")
@@ -1110,7 +1150,9 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 1
     pairs = sum(len(model["targets"]) for model in manifest.models)
-    print(f"ok: {len(manifest.models)} models, {pairs} model x target pairs")
+    entries = len({model["index"] for model in manifest.models})
+    buckets = f" ({len(manifest.models)} with each shape bucket counted)" if len(manifest.models) != entries else ""
+    print(f"ok: {entries} models{buckets}, {pairs} model x target conversions")
     return 0
 
 

@@ -8,7 +8,6 @@ writes the deliverables in ``dist/`` with their provenance.
 
 from __future__ import annotations
 
-import platform
 from importlib import metadata
 from pathlib import Path
 
@@ -23,14 +22,14 @@ class StageFailed(RuntimeError):
 
 
 def versions() -> dict:
-    """Versions that can change a conversion's result (recorded in every sidecar)."""
-    found = {}
-    for dist in ("rknn-toolkit2", "onnx", "onnxruntime", "numpy", "rknn-pipeline"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[dist] = None
-    found["python"] = platform.python_version()
+    """Versions that can change a conversion's result (recorded in every sidecar), and this package's."""
+    from pipeline.identity import versions as conversion_versions
+
+    found = conversion_versions()
+    try:
+        found["rknn-pipeline"] = metadata.version("rknn-pipeline")
+    except metadata.PackageNotFoundError:
+        found["rknn-pipeline"] = None
     return found
 
 
@@ -63,29 +62,14 @@ def input_hashes(manifest, model: dict, resolved: dict) -> dict:
     return doc
 
 
-def cache_document(manifest, model: dict, target: str, resolved: dict) -> dict:
-    """Everything that determines a conversion's outputs, and nothing else (no paths, no times)."""
-    from pipeline.conversion import recorded_arguments
-    from pipeline.tasks import PIPELINE_FORMAT
+def conversion_key(manifest, layout, model: dict, target: str, resolved: dict) -> str:
+    """The cache key of one conversion (its document is :func:`pipeline.identity.key_document`)."""
+    from pipeline.cache import cache_key
+    from pipeline.identity import key_document
 
-    args = recorded_arguments(model, target, Path(manifest.directory).resolve())
-    hashes = input_hashes(manifest, model, resolved)
-    strip = lambda item: item and {k: v for k, v in item.items() if k != "path"}  # noqa: E731
-    dataset = hashes["dataset"]
-    return {
-        "pipeline_format": PIPELINE_FORMAT,
-        "toolkit": versions()["rknn-toolkit2"],
-        "target": target,
-        "source_sha256": hashes["source"]["sha256"],
-        "converted_onnx_sha256": (hashes["converted_onnx"] or {}).get("sha256"),
-        "dataset_sha256": dataset and dataset["sha256"],
-        "samples_sha256": dataset and [s["sha256"] for s in dataset["samples"]],
-        "arguments": args,
-        "op_target": resolved.get("op_target"),
-        "rewrites": [strip(r) for r in resolved.get("rewrites") or []],
-        "hybrid": (model.get("quantization") or {}).get("hybrid"),
-        "verify": model.get("verify"),
-    }
+    analysis = files.read_json(layout.analysis(model["name"], target)) or {}
+    return cache_key(key_document(model, target, resolved, base=manifest.directory,
+                                  external_data=analysis.get("external_data") or []))
 
 
 def verdict_line(record: dict, seconds: float | None, hit: bool) -> str:
@@ -117,40 +101,65 @@ def prestart_conversion(manifest, layout, model: dict, target: str, resolved: di
     """Start the toolkit's import now if this pair will be converted, so the import overlaps the
     analysis and resolution still to run.
 
-    An analysis that runs means the pair changed, so it converts, unless the cache holds it:
+    An analysis that runs means the pair changed, so it converts, unless a cache holds it:
     without a cache the import starts at ``analyze``; with one, at ``resolve`` (``resolved``
-    given), where the cache key is known and a hit starts nothing.
+    given), where the conversion's key is known and a hit starts nothing.
     """
-    from pipeline import cache, conversion
+    from pipeline import conversion
 
-    store = cache.store_from(manifest.cache_dir)
-    if store is not None and (resolved is None or store.has(
-            cache.cache_key(cache_document(manifest, model, target, resolved)))):
-        return
+    if fanin_mode():
+        return  # the fan-in restores or fails; it never starts the toolkit
+    if resolved is None:
+        if manifest.cache_url is not None:
+            return
+    else:
+        store = open_cache(manifest)
+        if store is not None and store.has(conversion_key(manifest, layout, model, target, resolved)):
+            return
     conversion.prestart_worker(conversion.make_job(model, target, resolved or {},
                                                    layout.workdir(model["name"], target)))
+
+
+def open_cache(manifest):
+    """The configured artifact store, or None; a store that cannot even be opened is a warning, not a failure."""
+    from pipeline import cache
+
+    try:
+        return cache.store_from(manifest.cache_url)
+    except (cache.CacheError, ValueError) as exc:
+        print(f"  warning: cache not used: {exc}")
+        return None
 
 
 def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str, list[str]]:
     """Restore from the artifact cache, or convert and store; return the verdict and detail lines."""
     import time
 
-    from pipeline import cache, conversion
+    from pipeline import conversion
 
     name = model["name"]
     workdir = layout.workdir(name, target)
     resolved = files.read_json(layout.resolved(name, target))
-    key = cache.cache_key(cache_document(manifest, model, target, resolved))
-    store = cache.store_from(manifest.cache_dir)
+    key = conversion_key(manifest, layout, model, target, resolved)
+    store = open_cache(manifest)
     started = time.monotonic()
     if store is not None:
         restored = store.get(key, workdir)
         if restored is not None and set(CACHED_FILES) <= set(restored):
-            record = files.read_json(layout.convert_record(name, target))
-            record["cache"] = {"key": key, "hit": True}
+            # The entry may come from another model with the same settings, in another checkout.
+            record = portable_record(files.read_json(layout.convert_record(name, target)), model, target,
+                                     resolved, layout)
+            record["cache"] = {"key": key, "hit": True, "stored_by": (store.meta(key) or {}).get("model")}
             files.atomic_write_json(layout.convert_record(name, target), record)
             _record_remaps(layout, name, target, resolved, record)
+            _mark_built(store, manifest, model, target, key, record, converted=False)
             return verdict_line(record, time.monotonic() - started, True), detail_lines(record)
+    if fanin_mode():
+        from pipeline.shard import cache_location
+
+        where = f"the cache at {cache_location(manifest)}" if store is not None else "any cache (none is configured)"
+        raise StageFailed(f"{name}@{target}: fan-in: this conversion is not in {where}; the shard that owned it "
+                          f"failed or did not run. Rerun that shard; the fan-in never converts")
     calibration = None
     if (model.get("quantization") or {}).get("samples"):
         from pipeline.calibration import rows_per_shape, write_dataset
@@ -166,15 +175,74 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
         record = conversion.convert(model, target, resolved, workdir, calibration)
     except conversion.ConversionFailed as exc:
         raise StageFailed(str(exc)) from exc
+    record = portable_record(record, model, target, resolved, layout)
     record["cache"] = {"key": key, "hit": False}
+    record.update(built_by())
     files.atomic_write_json(layout.convert_record(name, target), record)
+    _portable_log(layout.log(name, target), layout.root)
     _record_remaps(layout, name, target, resolved, record)
     if store is not None:
         try:
-            store.put(key, {f: workdir / f for f in CACHED_FILES}, meta={"model": name, "target": target})
+            store.put(key, {f: workdir / f for f in CACHED_FILES},
+                      meta={"model": name, "target": target, "seconds": record.get("seconds")})
         except OSError as exc:  # a full or read-only cache must not fail a good build
             print(f"  warning: could not store {name}@{target} in the cache: {exc}")
+        else:
+            _mark_built(store, manifest, model, target, key, record, converted=True)
     return verdict_line(record, record.get("seconds"), False), detail_lines(record)
+
+
+def fanin_mode() -> bool:
+    import os
+
+    from pipeline.shard import FANIN_ENV
+
+    return os.environ.get(FANIN_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def built_by() -> dict:
+    """Which shard of which CI run made a conversion (None outside sharded builds); the report shows it."""
+    import os
+
+    from pipeline.shard import SHARD_ENV, run_id
+
+    label = os.environ.get(SHARD_ENV) or None
+    return {"shard": label, "run": (run_id() or None) if label else None}
+
+
+def _mark_built(store, manifest, model: dict, target: str, key: str, record: dict, converted: bool) -> None:
+    """Tell later plans that this pair is cached (see pipeline.shard); a failure only costs a rebuild there."""
+    from pipeline.shard import record_built
+
+    try:
+        record_built(store, manifest, model, target, key, record, converted)
+    except OSError as exc:
+        print(f"  warning: could not mark {model['name']}@{target} as built in the cache: {exc}")
+
+
+def portable_record(record: dict, model: dict, target: str, resolved: dict, layout) -> dict:
+    """``convert.json`` as this model and checkout would have written it: its own name, paths relative to
+    the project (a record restored from the cache may come from another model in another checkout)."""
+    from pipeline.conversion import portable, recorded_arguments
+
+    record = dict(record, model=model["name"], target=target)
+    if record.get("arguments") is not None:
+        record["arguments"] = recorded_arguments(model, target, layout.root)
+    converted = resolved.get("converted_onnx")
+    record["converted_onnx"] = portable(str(Path(converted).resolve()), layout.root) if converted else \
+        portable(str(Path(model["source"]).resolve()), layout.root)
+    return portable(record, layout.root)
+
+
+def _portable_log(log: Path, root: Path) -> None:
+    """Replace the checkout's absolute path in the toolkit's log by ``.`` before the log is shared."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return
+    prefix = str(root)
+    if prefix in text:
+        files.atomic_write_text(log, text.replace(prefix + "/", "./").replace(prefix, "."))
 
 
 def _record_remaps(layout, name: str, target: str, resolved: dict, record: dict) -> None:
@@ -254,6 +322,9 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     analysis = files.read_json(layout.analysis(name, target))
     layers = files.read_json(layout.placement(name, target), [])
     warnings, errors = placement_check(model, target, record, resolved, Rules.load())
+    built, runtime, problems = built_with(model, target, layout.rknn(name, target))
+    errors += problems
+    warnings += runtime.get("warnings", [])
     failure = layout.workdir(name, target) / "export-error.json"
     if errors:
         # What dist/ holds from an earlier build no longer matches the manifest: withdraw it.
@@ -272,6 +343,8 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "rknn": {"file": f"{name}.rknn", "sha256": file_sha256(rknn), "size": rknn.stat().st_size},
         "inputs": input_hashes(manifest, model, resolved),
         "versions": versions(),
+        "built_with": built,
+        "runtime": runtime or None,
         "arguments": portable(record["arguments"], layout.root),
         "op_target": record.get("op_target"),
         "remaps": record.get("remaps") or [],
@@ -283,6 +356,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "shapes": _shapes(model),
         "convert_seconds": record.get("seconds"),
         "cache": record.get("cache"),
+        "shard": record.get("shard"),
         "diagnostics": [d for d in record.get("diagnostics") or [] if not d.get("benign")],
         "warnings": warnings + list(resolved.get("warnings") or []),
     }
@@ -310,6 +384,40 @@ def _shapes(model: dict) -> dict | None:
     return None
 
 
+def built_with(model: dict, target: str, rknn: Path) -> tuple[dict, dict, list[str]]:
+    """What the built file says built it, the runtime gate's record, and any mismatch with what was asked.
+
+    Read from the file itself (:mod:`pipeline.rknn_file`), so the sidecar and lock record the toolkit
+    that actually built it, even one restored from a cache filled elsewhere.
+    """
+    from pipeline import rknn_file, runtime_gate
+    from pipeline.toolkit import installed_version
+
+    asked = runtime_gate.toolkit_for(model, target, installed_version())
+    try:
+        info = rknn_file.read(rknn)
+    except (OSError, rknn_file.RknnFileError) as exc:
+        return {}, {}, [f"{model['name']}@{target}: the built model cannot be read back: {exc}"]
+    toolkit = info.toolkit or info.trailer_toolkit
+    built = {"toolkit": toolkit, "file_format": info.file_format, "compiler": info.compiler,
+             "target": info.target or (info.trailer_targets[0] if info.trailer_targets else None)}
+    problems = [f"{model['name']}@{target}: {problem}" for problem in info.disagreements()]
+    if built["target"] != target:
+        problems.append(f"{model['name']}@{target}: the built file is for {built['target']}, not {target}; "
+                        f"remove build/{model['name']}/{target} and build again")
+    if asked and toolkit != asked:
+        problems.append(f"{model['name']}@{target}: the built file was made by rknn-toolkit2 {toolkit}, but "
+                        f"{asked} was asked for; remove build/{model['name']}/{target} and build again")
+    runtime: dict = {}
+    declared = runtime_gate.runtime_for(model, target)
+    if declared and toolkit:
+        verdict = runtime_gate.check(target, toolkit, declared, bool(model.get("allow_newer_toolkit")))
+        runtime = {"declared": declared, "allow_newer_toolkit": bool(model.get("allow_newer_toolkit")),
+                   "warnings": list(verdict.warnings)}
+        problems += [f"{model['name']}@{target}: {error}" for error in verdict.errors]
+    return built, runtime, problems
+
+
 def _size(size: int) -> str:
     for unit in ("B", "KB", "MB"):
         if size < 1000:
@@ -327,7 +435,8 @@ def _withdraw(layout, name: str, target: str) -> None:
             pass
 
 
-LOCK_FIELDS = ("inputs", "versions", "arguments", "op_target", "remaps", "rewrites", "placement")
+LOCK_FIELDS = ("inputs", "versions", "built_with", "runtime", "arguments", "op_target", "remaps", "rewrites",
+               "placement")
 
 
 def lock_entry(sidecar: dict) -> dict:

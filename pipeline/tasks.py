@@ -104,9 +104,23 @@ def _hold_tree_lock(directory: Path) -> None:
 
 def pairs():
     manifest, layout = context()
+    chosen = _selection()
     for model in manifest.models:
         for target in model["targets"]:
-            yield model, target, layout
+            if chosen is None or (model["name"], target) in chosen:
+                yield model, target, layout
+
+
+@lru_cache(maxsize=1)
+def _selection():
+    """``doit shard=I/N`` builds its share only; ``doit fanin=1`` first checks the cache holds every pair."""
+    from pipeline import shard
+
+    manifest, _ = context()
+    try:
+        return shard.selection(manifest, *shard.current(get_var("shard"), get_var("fanin")))
+    except shard.ShardError as exc:
+        _fail_and_exit(str(exc))
 
 
 def _rewritten(model: dict, target: str, layout) -> list[str]:
@@ -147,17 +161,20 @@ def resolve_key(model: dict, target: str) -> dict:
 
 def convert_key(model: dict, target: str, base: Path) -> dict:
     from pipeline.conversion import recorded_arguments
-    from pipeline.toolkit import installed_version
+    from pipeline.identity import code_digest, versions
 
+    # The file inputs are file_deps; what else enters the conversion's identity is here: a new
+    # library version or a change to the conversion code reruns it.
     args = recorded_arguments(model, target, base)
     quant = model.get("quantization") or {}
-    return {"format": PIPELINE_FORMAT, "toolkit": installed_version(), "arguments": args,
+    return {"format": PIPELINE_FORMAT, "versions": versions(), "code": code_digest(), "arguments": args,
             "hybrid": quant.get("hybrid"), "verify": model.get("verify")}
 
 
 def export_key(model: dict, target: str) -> dict:
     return {"format": PIPELINE_FORMAT, "cpu_fallback": model.get("cpu_fallback", "warn"),
-            "verify": model.get("verify")}
+            "verify": model.get("verify"), "runtime": model.get("runtime"),
+            "allow_newer_toolkit": model.get("allow_newer_toolkit")}
 
 
 # -- actions (module level: picklable for doit -n N) --------------------------
@@ -172,7 +189,7 @@ def run_analyze(name: str, target: str) -> TaskFailed | None:
         doc = analysis.analyze(model, target, Rules.load())
     except analysis.AnalysisError as exc:
         return TaskFailed(f"{manifest.location('models', model['index'], 'source')}: {name}@{target}: {exc}")
-    files.atomic_write_json(layout.analysis(name, target), doc)
+    files.atomic_write_json(layout.analysis(name, target), doc, compact=True)  # thousands of nodes
     stages.prestart_conversion(manifest, layout, model, target)
     print(f"analyze {name}@{target}  {analysis.summary_line(doc)}")
     return None

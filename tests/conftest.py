@@ -93,3 +93,25 @@ class Project:
 @pytest.fixture
 def project(tmp_path) -> Project:
     return Project(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint (moto server mode) on a free loopback port, for the whole session."""
+    from s3_server import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request) -> str:
+    """A fresh bucket on the test S3 server, with the standard AWS_* variables pointing at it."""
+    import uuid
+
+    for key, value in s3_server.environment().items():
+        monkeypatch.setenv(key, value)
+    name = f"rknn-{uuid.uuid4().hex[:12]}"
+    s3_server.make_bucket(name)
+    return name

@@ -55,6 +55,7 @@ DYNAMIC_CASES = {
     "H and W vary, calibrated at the widest set": ([1, 3, "H", "W"], [[1, 3, 96, 320], [1, 3, 48, 480]],
                                                    [1, 3, 48, 480], None),
     "64 shape sets": ([1, 3, 48, "W"], [[1, 3, 48, 16 * (i + 1)] for i in range(64)], [1, 3, 48, 1024], None),
+    "a set of another rank": ([1, 3, 48, "W"], [[1, 3, 48, 160], [3, 48, 320]], [1, 3, 48, 160], None),
     "a dim static in the model varies": ([1, 3, 48, "W"], [[1, 3, 48, 160], [1, 3, 96, 160]],
                                          [1, 3, 96, 160], None),
     "calibrated at the largest, with input_size_list": ([1, 3, 48, "W"], _W, [1, 3, 48, 640], [[1, 3, 48, 640]]),

@@ -73,3 +73,44 @@ def test_only_refreshes_its_sections_rows_and_notes():
                                                           ("9 shapes", "c", "4"), ("9 shapes", "d", "5")]
     assert merged.count("- **9 shapes**") == 1 and "`9 shapes`" in merged.splitlines()[-1]
     assert run.merge_document(merged, only, {"9 shapes"}) == merged
+
+
+def test_only_takes_a_comma_separated_list_and_refuses_unknown_sections():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import run
+
+    assert run.selected_sections(["4 parallel, 7 large model", "9 shapes"]) == {"4 parallel", "7 large model",
+                                                                                 "9 shapes"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--only", "4 parallel,7 larg model"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "'7 larg model'" in proc.stderr, proc.stderr
+    assert set(run.NEEDS_BUILD) <= set(run.SECTIONS)
+
+
+def test_readme_figures_are_the_ones_in_docs_benchmarks():
+    """Every benchmark number in README.md is a marked span written from docs/benchmarks.md."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import readme_figures
+
+    readme = (REPO / "README.md").read_text()
+    fresh = readme_figures.render(readme, DOCS.read_text())
+    stale = [(old["key"], old["value"], new["value"]) for old, new in
+             zip(readme_figures.SPAN.finditer(readme), readme_figures.SPAN.finditer(fresh)) if old["value"] != new["value"]]
+    assert not stale, f"run `uv run python benchmarks/readme_figures.py`: {stale}"
+    assert len(list(readme_figures.SPAN.finditer(readme))) >= len(readme_figures.FIGURES)
+
+
+def test_readme_figures_notice_a_changed_row():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import readme_figures
+
+    readme = (REPO / "README.md").read_text()
+    docs = DOCS.read_text()
+    row = next(line for line in docs.splitlines() if line.startswith("| 2 no-op rebuild | pipeline: second"))
+    cells = row.split("|")
+    cells[4] = " 0.912 "
+    changed = readme_figures.render(readme, docs.replace(row, "|".join(cells)))
+    assert "<!--bench:noop.pipeline-->0.91<!--/bench-->" in changed and changed != readme
+    assert readme_figures.significant(497, 1) == "500" and readme_figures.significant(0.0198, 2) == "0.020"
+    with pytest.raises(readme_figures.FigureError, match="unknown figure 'nope'"):
+        readme_figures.render(readme + "<!--bench:nope-->1<!--/bench-->", docs)

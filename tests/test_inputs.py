@@ -146,7 +146,9 @@ def test_names_counts_and_dtypes(workdir):
             "got image: 1, ids: 2, text: 1") in found
     assert any(p.startswith("models.yaml:10:16: sample 'calib/nope.npy' does not exist") for p in found)
     assert any(p.startswith("models.yaml:10:9: dataset names 'text', which is not an input") for p in found)
-    assert len(found) == 4  # sample dtypes are checked once names and counts are right
+    assert ("models.yaml:9:15: sample 'ids_float.npy' has dtype float32 but input 'ids' is int64: save it with "
+            ".astype('int64')") in found  # samples of known inputs are checked whatever else is wrong
+    assert len(found) == 5
 
     path = manifest(workdir, """\
         quantization:
@@ -336,6 +338,8 @@ def test_shape_problems_are_reported_at_load(recogniser):
     assert problems(static_dim) == ["models.yaml:6:36: shape [1, 3, 96, 160] changes dim 2, which the model fixes "
                                     "at 48: the toolkit refuses it in dynamic_input (only dims dynamic in the ONNX "
                                     "model may vary)"]
+    rank = manifest(recogniser, "inputs: { x: [[1, 3, 48, 160], [3, 48, 320]] }\nshapes: dynamic\n", source="rec.onnx")
+    assert problems(rank) == ["models.yaml:6:15: input 'x' has 4 dimensions in the model, but 3 are given"]
     twice = manifest(recogniser, WIDTHS + "shapes: dynamic\noptions: { dynamic_input: [[[1, 3, 48, 160]]] }\n",
                      source="rec.onnx")
     assert problems(twice)[0].startswith("models.yaml:8:31: options.dynamic_input and a list of shapes in inputs")
@@ -413,3 +417,70 @@ def test_a_recogniser_builds_as_buckets_and_as_one_dynamic_model_verified_at_eac
     keys = {json.loads((tmp_path / "build" / f"rec.1x3x48x{w}" / "rk3588" / "convert.json").read_text())
             ["cache"]["key"] for w in (160, 320, 640)}
     assert len(keys) == 3  # each bucket is its own conversion identity
+
+
+def test_an_nhwc_input_gets_a_hint_about_the_toolkits_channel_axis():
+    info = inputs.InputInfo("image", ((1, 32, 32, 3),), "float32")
+    problem = inputs.normalisation_problem([0, 0, 0], info, "mean_values")
+    assert "expects 32 (dim 1 of [1, 32, 32, 3])" in problem and "counts dim 1 of an NHWC input too" in problem
+    assert inputs.image_layout((1, 32, 32, 3)) == "nhwc" and inputs.image_layout((1, 3, 32, 3)) == "nchw"
+    assert inputs.image_layout((1, 3, 32, 32), "nhwc") is None
+
+
+def test_shape_sets_names_and_largest():
+    from pipeline import shapes
+
+    declared = {"image": [[1, 3, 32, 32], [1, 3, 64, 64]], "scale": [1, 4], "ids": [[1, 8], [1, 16]]}
+    sets = shapes.shape_sets(declared)
+    assert sets == [{"image": [1, 3, 32, 32], "scale": [1, 4], "ids": [1, 8]},
+                    {"image": [1, 3, 64, 64], "scale": [1, 4], "ids": [1, 16]}]
+    assert shapes.varying(sets) == ["image", "ids"]
+    assert shapes.bucket_names({"name": "m", "shape_sets": sets}) == ["m.1x3x32x32_1x8", "m.1x3x64x64_1x16"]
+    assert shapes.largest([{"x": [1, 3, 96, 320]}, {"x": [1, 3, 48, 480]}]) == {"x": [1, 3, 96, 320]}  # most elements
+    assert shapes.shape_sets({"x": [[1, 2], [1, 3]], "y": [[1], [2], [3]]}) is None  # unequal lists
+    assert shapes.mode({"shape_sets": sets[:1], "shapes": "dynamic"}) is None  # one set: a static model
+
+
+def make_nhwc_model(path: Path) -> Path:
+    """image [1, 32, 32, 3] (NHWC, as TensorFlow exports) -> Transpose -> Conv -> Relu; seeded weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    weights = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.01).astype(np.float32), "w")]
+    nodes = [helper.make_node("Transpose", ["image"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["nchw", "w"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 32, 32, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32, 32])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.toolkit
+def test_images_for_an_nhwc_input_are_decoded_in_its_layout_and_colour_order(tmp_path):
+    from conftest import Project
+
+    project = Project(tmp_path)
+    make_nhwc_model(tmp_path / "nhwc.onnx")
+    project.write_manifest("""\
+version: 1
+models:
+  - name: nhwc
+    source: nhwc.onnx
+    targets: [rk3588]
+    verify: { samples: 2, min_cosine: 0.98 }
+    quantization:
+      dataset:
+        image: { samples: [examples/calib/sample_0.jpg, examples/calib/sample_1.jpg], layout: nhwc, colour: bgr }
+""")
+    project.doit()
+    sidecar = json.loads((tmp_path / "dist" / "rk3588" / "nhwc.json").read_text())
+    assert sidecar["verify"]["passed"] and sidecar["verify"]["input_source"] == "dataset"
+    decoded = np.load(tmp_path / "build" / "nhwc" / "rk3588" / "calibration" / "s0000-i0.npy")
+    import cv2
+
+    assert decoded.shape == (1, 32, 32, 3)
+    assert np.array_equal(decoded[0], cv2.resize(cv2.imread(str(REPO / "examples/calib/sample_0.jpg")), (32, 32)))

@@ -185,7 +185,7 @@ INVALID = [
      "unknown key 'single_core'; did you mean 'single_core_mode'?", "6:16"),
     ("name-in-defaults", "version: 1\ndefaults:\n  name: x\nmodels: []\n",
      "'name' cannot be set in defaults: each model needs its own", "3:3"),
-    ("cache-without-dir", "version: 1\ncache: {}\nmodels: []\n", "cache is missing required key 'dir'", "2:8"),
+    ("cache-without-dir", "version: 1\ncache: {}\nmodels: []\n", "cache needs at least one of: dir, url", "2:8"),
 ]
 
 
@@ -287,7 +287,7 @@ def test_valid_manifest_round_trips(workdir):
     assert (manifest.version, manifest.toolkit) == (1, "2.5.0")
     assert manifest.path == Path("models.yaml")
     assert manifest.directory == workdir
-    assert manifest.cache_dir == workdir / ".rknn-cache"
+    assert manifest.cache_url == str(workdir / ".rknn-cache")
     assert json.loads(json.dumps(manifest.models)) == manifest.models
     squeeze = manifest.model("squeeze")
     assert squeeze["index"] == 0 and squeeze["source"] == str(workdir / "sq.onnx")
@@ -366,7 +366,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_ok(workdir):
     write(workdir, VALID)
     done = run_cli("models.yaml", cwd=workdir)
-    assert (done.returncode, done.stdout, done.stderr) == (0, "ok: 2 models, 3 model x target pairs\n", "")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ok: 2 models, 3 model x target conversions\n", "")
 
 
 def test_cli_problems(workdir):

@@ -1,0 +1,144 @@
+"""Write every benchmark figure quoted in README.md from docs/benchmarks.md.
+
+    uv run python benchmarks/readme_figures.py          # rewrite the marked figures in README.md
+    uv run python benchmarks/readme_figures.py --check  # exit 1 (and show the differences) if any is stale
+
+A figure in the README is a marked span, ``<!--bench:noop.pipeline-->0.37<!--/bench-->``: the
+key names an entry of ``FIGURES`` below, which says which row of docs/benchmarks.md it comes
+from and how many significant digits the README shows. The README never holds a hand-copied
+number, so a benchmark rerun (``benchmarks/run.py``, also with ``--only``) followed by this
+script keeps the two in step, and tests/test_benchmarks.py fails when they are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+DOCS = REPO / "docs" / "benchmarks.md"
+SPAN = re.compile(r"<!--bench:(?P<key>[\w.-]+)-->(?P<value>.*?)<!--/bench-->")
+COLUMNS = ("section", "measurement", "unit", "median", "min", "max", "runs")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One quoted number: the docs row whose measurement starts with ``prefix``, its median, rounded."""
+
+    section: str
+    prefix: str
+    digits: int  # significant digits shown in the README
+
+
+FIGURES: dict[str, Figure] = {
+    "cold.pipeline": Figure("1 cold build", "pipeline: `doit` in a fresh workspace", 3),
+    "cold.hand": Figure("1 cold build", "hand-written loop", 3),
+    "cold.ratio": Figure("1 cold build", "ratio pipeline / hand loop", 3),
+    "cold.import": Figure("1 cold build", "toolkit import in a fresh process", 1),
+    "noop.pipeline": Figure("2 no-op rebuild", "pipeline: second `doit`", 2),
+    "noop.hand": Figure("2 no-op rebuild", "hand-written loop", 3),
+    "noop.convert": Figure("2 no-op rebuild", "`python -m rknn.api.rknn_convert`", 3),
+    "noop.ratio_hand": Figure("2 no-op rebuild", "ratio hand loop / pipeline no-op", 2),
+    "noop.ratio_convert": Figure("2 no-op rebuild", "ratio rknn_convert / pipeline no-op", 3),
+    "changed.pipeline": Figure("3 one changed", "pipeline: `doit` after re-saving one source", 3),
+    "changed.ratio": Figure("3 one changed", "ratio one-changed", 2),
+    "worker.rss": Figure("4 parallel", "peak RSS per conversion worker", 1),
+    "cache.warm": Figure("5 cache restore", "fresh workspace, warm", 2),
+    "cache.ratio": Figure("5 cache restore", "ratio warm cache / cold build", 1),
+    "scale.load50": Figure("6 scale", "load_manifest, 50 pairs", 2),
+    "scale.load200": Figure("6 scale", "load_manifest, 200 pairs", 2),
+    "scale.load1000": Figure("6 scale", "load_manifest, 1000 pairs", 2),
+    "scale.list50": Figure("6 scale", "`doit list --all`, 50 pairs", 2),
+    "scale.list200": Figure("6 scale", "`doit list --all`, 200 pairs", 2),
+    "scale.list1000": Figure("6 scale", "`doit list --all`, 1000 pairs", 2),
+    "scale.floor200": Figure("6 scale", "doit floor: no-op `doit`, 200 trivial", 2),
+    "scale.floor800": Figure("6 scale", "doit floor: no-op `doit`, 800 trivial", 2),
+    "scale.floor4000": Figure("6 scale", "doit floor: no-op `doit`, 4000 trivial", 2),
+    "large.analyze": Figure("7 large model", "`analyze()`", 2),
+    "large.rss": Figure("7 large model", "peak RSS of the analysing process", 2),
+    "large.onnx_load": Figure("7 large model", "reference: peak RSS of `onnx.load()`", 3),
+    "zygote.ratio_bench": Figure("8 worker model", "benchmark manifest: ratio forked / hand loop", 3),
+    "zygote.ratio_small": Figure("8 worker model", "8 small pairs: ratio forked / hand loop", 3),
+    "zygote.fresh_bench": Figure("8 worker model", "benchmark manifest: ratio fresh / hand loop", 3),
+    "zygote.fresh_small": Figure("8 worker model", "8 small pairs: ratio fresh / hand loop", 3),
+    "zygote.n2_bench": Figure("8 worker model", "benchmark manifest: ratio `-n 2` / CPU floor", 3),
+    "zygote.n2_small": Figure("8 worker model", "8 small pairs: ratio `-n 2` / CPU floor", 3),
+    "zygote.uss": Figure("8 worker model", "peak USS of each zygote", 3),
+    "zygote.child_uss": Figure("8 worker model", "peak USS of each forked child", 3),
+}
+
+
+class FigureError(ValueError):
+    pass
+
+
+def table(document: str) -> list[dict[str, str]]:
+    """The rows of the benchmark table in docs/benchmarks.md, as column -> cell."""
+    lines = [line for line in document.splitlines() if line.startswith("|")]
+    if not lines or [cell.strip() for cell in lines[0].strip().strip("|").split("|")] != list(COLUMNS):
+        raise FigureError("docs/benchmarks.md has no benchmark table with the expected header")
+    return [dict(zip(COLUMNS, (cell.strip() for cell in line.strip().strip("|").split("|"))))
+            for line in lines[2:]]
+
+
+def significant(value: float, digits: int) -> str:
+    """``value`` to ``digits`` significant digits, never in exponent form (497, 1 -> "500")."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = digits - 1 - math.floor(math.log10(abs(value)))
+    rounded = round(value, decimals)
+    return f"{rounded:.{max(decimals, 0)}f}"
+
+
+def value_of(key: str, rows: list[dict[str, str]]) -> str:
+    figure = FIGURES.get(key)
+    if figure is None:
+        raise FigureError(f"README.md quotes unknown figure {key!r}; add it to FIGURES in {Path(__file__).name}")
+    found = [row for row in rows if row["section"] == figure.section and row["measurement"].startswith(figure.prefix)]
+    if len(found) != 1:
+        raise FigureError(f"figure {key!r}: {len(found)} rows of section {figure.section!r} in docs/benchmarks.md "
+                          f"start with {figure.prefix!r} (need exactly one)")
+    return significant(float(found[0]["median"]), figure.digits)
+
+
+def render(readme: str, document: str) -> str:
+    """``readme`` with every marked figure rewritten from ``document``; every FIGURES key must be quoted."""
+    rows = table(document)
+    used = {match["key"] for match in SPAN.finditer(readme)}
+    unused = sorted(set(FIGURES) - used)
+    if unused:
+        raise FigureError(f"FIGURES entries not quoted in README.md: {', '.join(unused)}")
+    return SPAN.sub(lambda m: f"<!--bench:{m['key']}-->{value_of(m['key'], rows)}<!--/bench-->", readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if any figure is stale")
+    args = parser.parse_args(argv)
+    readme = README.read_text()
+    try:
+        fresh = render(readme, DOCS.read_text())
+    except FigureError as exc:
+        print(f"readme_figures: {exc}", file=sys.stderr)
+        return 2
+    if fresh == readme:
+        print("README.md figures match docs/benchmarks.md")
+        return 0
+    stale = [(old["key"], old["value"], new["value"])
+             for old, new in zip(SPAN.finditer(readme), SPAN.finditer(fresh)) if old["value"] != new["value"]]
+    for key, old, new in stale:
+        print(f"{key}: README {old!r}, docs/benchmarks.md {new!r}", file=sys.stderr)
+    if args.check:
+        return 1
+    README.write_text(fresh)
+    print(f"README.md: {len(stale)} figure(s) rewritten from docs/benchmarks.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
