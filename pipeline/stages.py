@@ -8,6 +8,7 @@ writes the deliverables in ``dist/`` with their provenance.
 
 from __future__ import annotations
 
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -110,7 +111,9 @@ def prestart_conversion(manifest, layout, model: dict, target: str, resolved: di
     if fanin_mode():
         return  # the fan-in restores or fails; it never starts the toolkit
     if resolved is None:
-        if manifest.cache_url is not None:
+        from pipeline import cache
+
+        if os.environ.get(cache.ENV_VAR) or manifest.cache_url:
             return
     else:
         store = open_cache(manifest)
