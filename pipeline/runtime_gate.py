@@ -91,11 +91,25 @@ def check(target: str, toolkit: str, runtime: str, allow_newer: bool = False) ->
 
 def _how_to_use(version: str) -> str:
     """How to build with another toolkit version: per model where the manifest supports it."""
-    from pipeline.manifest import _schema
+    from pipeline import schema
 
-    if "toolkit" in _schema()["$defs"]["model"]["properties"]:
+    if "toolkit" in schema.load()["$defs"]["model"]["properties"]:
         return f'set toolkit: "{version}" for this model'
     return f"uv add rknn-toolkit2=={version} in a checkout for these boards, with the manifest's toolkit: \"{version}\""
+
+
+def facts_markdown() -> str:
+    """The gate's facts as the README's table (a test keeps the README equal to this)."""
+    data = rules()
+    rows = [f"| {', '.join(row['targets'])} | rknn-toolkit2 {row['toolkits']} writes file format "
+            f"{row['file_format']:#x} | {row['source']} |" for row in data["file_formats"]]
+    rows += [f"| all | file format {row['file_format']:#x} needs librknnrt >= {row['runtime']} | {row['source']} |"
+             for row in data["format_minimum_runtime"]]
+    rows.append(f"| all | a toolkit newer than the runtime may build operators the runtime lacks | "
+                f"{data['newer_toolkit']['source']} |")
+    rows.append(f"| all | rknn-toolkit2 on PyPI for CPython 3.11, x86_64: "
+                f"{', '.join(data['pypi_toolkits']['versions'])} | {data['pypi_toolkits']['source']} |")
+    return "\n".join(["| targets | fact | source |", "| --- | --- | --- |", *rows])
 
 
 def runtime_for(model: dict, target: str) -> str | None:

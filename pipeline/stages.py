@@ -13,20 +13,25 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline import files
+from pipeline.errors import PipelineError
+from pipeline.formats import SIDECAR_FORMAT
+from pipeline.layout import CACHED_FILES, OPTIONAL_CACHED_FILES
 
-SIDECAR_FORMAT = 1
-CACHED_FILES = ("model.rknn", "convert.json", "placement.json", "convert.log")
 
-
-class StageFailed(RuntimeError):
+class StageFailed(PipelineError, RuntimeError):
     """A stage refused or failed; the message names model, target and cause."""
 
 
-def versions() -> dict:
-    """Versions that can change a conversion's result (recorded in every sidecar), and this package's."""
-    from pipeline.identity import versions as conversion_versions
+def versions(model: dict | None = None, target: str | None = None) -> dict:
+    """Versions that ran a conversion (recorded in every sidecar), and this package's: the project's
+    environment, or the environment of the toolkit version the model asked for."""
+    from pipeline import toolkit_envs
+    from pipeline.identity import versions as project_versions
+    from pipeline.runtime_gate import toolkit_for
 
-    found = conversion_versions()
+    version = toolkit_for(model, target, None) if model else None
+    found = (toolkit_envs.uses_own_environment(version) and toolkit_envs.environment_versions(version)) or \
+        project_versions()
     try:
         found["rknn-pipeline"] = metadata.version("rknn-pipeline")
     except metadata.PackageNotFoundError:
@@ -119,8 +124,7 @@ def prestart_conversion(manifest, layout, model: dict, target: str, resolved: di
         store = open_cache(manifest)
         if store is not None and store.has(conversion_key(manifest, layout, model, target, resolved)):
             return
-    conversion.prestart_worker(conversion.make_job(model, target, resolved or {},
-                                                   layout.workdir(model["name"], target)))
+    conversion.prestart_worker(conversion.make_job(model, target, resolved or {}, layout.pair(model["name"], target)))
 
 
 def open_cache(manifest):
@@ -141,13 +145,14 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     from pipeline import conversion
 
     name = model["name"]
-    workdir = layout.workdir(name, target)
-    resolved = files.read_json(layout.resolved(name, target))
+    pair = layout.pair(name, target)
+    resolved = files.read_json(pair.resolved)
     key = conversion_key(manifest, layout, model, target, resolved)
     store = open_cache(manifest)
     started = time.monotonic()
     if store is not None:
-        restored = store.get(key, workdir)
+        layout.accuracy(name, target).unlink(missing_ok=True)  # only a restored entry's own analysis may stay
+        restored = store.get(key, pair.dir)
         if restored is not None and set(CACHED_FILES) <= set(restored):
             # The entry may come from another model with the same settings, in another checkout.
             record = portable_record(files.read_json(layout.convert_record(name, target)), model, target,
@@ -175,7 +180,7 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
             calibration["verify_rows"] = rows_per_shape(model["quantization"], model["shape_sets"],
                                                         layout.verify_samples_dir(name, target))
     try:
-        record = conversion.convert(model, target, resolved, workdir, calibration)
+        record = conversion.convert(model, target, resolved, pair, calibration)
     except conversion.ConversionFailed as exc:
         raise StageFailed(str(exc)) from exc
     record = portable_record(record, model, target, resolved, layout)
@@ -186,7 +191,8 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     _record_remaps(layout, name, target, resolved, record)
     if store is not None:
         try:
-            store.put(key, {f: workdir / f for f in CACHED_FILES},
+            optional = [f for f in OPTIONAL_CACHED_FILES if (pair.dir / f).exists()]
+            store.put(key, {f: pair.dir / f for f in (*CACHED_FILES, *optional)},
                       meta={"model": name, "target": target, "seconds": record.get("seconds")})
         except OSError as exc:  # a full or read-only cache must not fail a good build
             print(f"  warning: could not store {name}@{target} in the cache: {exc}")
@@ -271,7 +277,10 @@ def placement_check(model: dict, target: str, record: dict, resolved: dict, rule
     warning under every policy: the model builds but fails on the board.
     """
     policy = model.get("cpu_fallback", "warn")
-    requested = {item["node"] for item in (resolved.get("explanations") or {}).values() if item["action"] == "cpu"}
+    from pipeline.actions import ACTIONS
+
+    requested = {item["node"] for item in (resolved.get("explanations") or {}).values()
+                 if ACTIONS[item["action"]].expected_on == "cpu"}
     cpu_layers = (record.get("placement") or {}).get("cpu_layers") or []
     unexpected = [layer for layer in cpu_layers if layer.get("node") not in requested]
     warnings, errors = [], []
@@ -328,7 +337,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     built, runtime, problems = built_with(model, target, layout.rknn(name, target))
     errors += problems
     warnings += runtime.get("warnings", [])
-    failure = layout.workdir(name, target) / "export-error.json"
+    failure = layout.export_error(name, target)
     if errors:
         # What dist/ holds from an earlier build no longer matches the manifest: withdraw it.
         _withdraw(layout, name, target)
@@ -345,7 +354,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "status": "ok",
         "rknn": {"file": f"{name}.rknn", "sha256": file_sha256(rknn), "size": rknn.stat().st_size},
         "inputs": input_hashes(manifest, model, resolved),
-        "versions": versions(),
+        "versions": versions(model, target),
         "built_with": built,
         "runtime": runtime or None,
         "arguments": portable(record["arguments"], layout.root),
@@ -356,6 +365,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "placement": record.get("placement"),
         "predicted_vs_actual": predicted_vs_actual(analysis, layers, resolved),
         "verify": record.get("verify"),
+        "accuracy": record.get("accuracy"),
         "shapes": _shapes(model),
         "convert_seconds": record.get("seconds"),
         "cache": record.get("cache"),
@@ -477,9 +487,8 @@ def report_records(manifest, layout) -> list[dict]:
         for target in model["targets"]:
             sidecar = files.read_json(layout.sidecar(model["name"], target))
             if sidecar is None:
-                workdir = layout.workdir(model["name"], target)
                 converted = files.read_json(layout.convert_record(model["name"], target)) or {}
-                refused = files.read_json(workdir / "export-error.json") or {}
+                refused = files.read_json(layout.export_error(model["name"], target)) or {}
                 error = converted.get("error") or refused.get("error")
                 sidecar = {"model": model["name"], "target": target, "status": "failed" if error else "not built",
                            "error": error, "placement": converted.get("placement")}

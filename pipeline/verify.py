@@ -48,6 +48,8 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.inputs import channel_count
+from pipeline.errors import PipelineError
+from pipeline.onnx_util import inferred, value_types
 
 DEFAULT_SAMPLES = 4
 DEFAULT_MIN_COSINE = 0.99
@@ -59,7 +61,7 @@ _ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int1
                 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
 
 
-class VerifyError(RuntimeError):
+class VerifyError(PipelineError, RuntimeError):
     """The accuracy check could not run (not: it ran and failed); ``step`` is ``"verify"``."""
 
     step = "verify"
@@ -160,6 +162,32 @@ def verify_all_shapes(session, job: dict) -> dict:
             "input_source": ", ".join(dict.fromkeys(r["input_source"] for r in per_shape)),
             "min_cosine": per_shape[0]["min_cosine"], "passed": all(r["passed"] for r in per_shape),
             "outputs": list(worst.values()), "shapes": per_shape, "note": SIMULATOR_NOTE}
+
+
+def analysis_inputs(job: dict, directory: Path) -> list[str]:
+    """One sample for the toolkit's per-layer analysis: the first the accuracy check used.
+
+    A dataset row is given as is (the toolkit calibrated with those files); a
+    seeded random sample is drawn as :func:`verify_model` draws its first one
+    and saved as ``.npy`` (NCHW for 4-D inputs, which is what the toolkit
+    reads). A dynamic-shape model is analysed at the shapes of its first row.
+    """
+    import onnx
+
+    lines = [_row(line) for line in job.get("samples") or []]
+    if lines:
+        return [str(path) for path in lines[0]]
+    settings = job.get("verify") or {}
+    load = job.get("load_onnx") or {}
+    specs = input_specs(onnx.load(job["verify_source"]), load, job.get("config") or {})
+    sample = sample_inputs_random(specs, 1, np.random.default_rng(int(settings.get("seed", DEFAULT_SEED))))[0]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, prepared in enumerate(sample):
+        path = directory / f"input{index}.npy"
+        np.save(path, prepared.simulator)
+        paths.append(str(path))
+    return paths
 
 
 def _run_both(session, runtime, specs: list[InputSpec], outputs: list[str],
@@ -276,10 +304,10 @@ def reference_model(model, inputs: list[str], outputs: list[str]):
     graph_inputs = {i.name for i in model.graph.input}
     if [o.name for o in model.graph.output] == outputs and set(inputs) <= graph_inputs:
         return model
-    inferred = onnx.shape_inference.infer_shapes(model)
+    typed = inferred(model)
     if not set(inputs) <= graph_inputs:
-        return onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
-    infos = {info.name: info for info in [*inferred.graph.value_info, *inferred.graph.output]}
+        return onnx.utils.Extractor(typed).extract_model(inputs, outputs)
+    infos = {info.name: info for info in [*typed.graph.value_info, *typed.graph.output]}
     missing = [name for name in outputs if name not in infos or not infos[name].type.HasField("tensor_type")]
     if missing:
         raise VerifyError(f"cannot type the cut outputs {missing}: ONNX shape inference does not reach them")
@@ -296,18 +324,11 @@ def _tensor_types(model, inner: bool) -> dict[str, tuple[int, tuple | None]]:
     With ``inner`` (``load_onnx`` named inner tensors as inputs), inner tensors
     typed by ONNX shape inference are included too.
     """
-    import onnx
-
     infos = list(model.graph.input)
     if inner:
-        infos += list(onnx.shape_inference.infer_shapes(model).graph.value_info)
-    types = {}
-    for info in infos:
-        tensor = info.type.tensor_type
-        dims = (tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim)
-                if tensor.HasField("shape") else None)
-        types.setdefault(info.name, (tensor.elem_type, dims))
-    return types
+        infos += list(inferred(model).graph.value_info)
+    return {name: (elem_type, None if shape is None else tuple(shape))
+            for name, (elem_type, shape) in value_types(infos, symbolic=True).items()}
 
 
 def _per_channel(values, index: int, channels: int, default: float) -> np.ndarray:

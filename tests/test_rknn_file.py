@@ -177,3 +177,9 @@ models:
     for target in ("rk3588", "rv1106"):
         info = rknn_file.read(project.root / "dist" / target / "m.rknn")
         assert info.target == target and info.disagreements() == []
+
+
+def test_the_readme_shows_the_gate_facts_from_their_data():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    shown = readme.split("<!--runtime-facts-->\n", 1)[1].split("\n<!--/runtime-facts-->", 1)[0]
+    assert shown == runtime_gate.facts_markdown()
