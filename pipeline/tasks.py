@@ -26,10 +26,11 @@ from doit import get_var
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from pipeline import __version__, files
+from pipeline import __version__
 from pipeline.errors import as_task_failure
 from pipeline.formats import PIPELINE_FORMAT
 from pipeline.layout import Layout
+from pipeline.records import ANALYSIS, RESOLUTION
 
 DOIT_CONFIG = {
     # dbm cannot be shared between processes; sqlite3 can (doit -n N, concurrent readers). This one
@@ -38,6 +39,8 @@ DOIT_CONFIG = {
     "dep_file": ".doit.db",
     "default_tasks": ["analyze", "resolve", "convert", "export", "lock", "report"],
     "verbosity": 2,
+    # one line per conversion with progress, one summary line; `--reporter console` is doit's own
+    "reporter": "rknn",
 }
 
 
@@ -191,7 +194,7 @@ def run_analyze(name: str, target: str) -> TaskFailed | None:
 
     def action():
         doc = analysis.analyze(model, target, Rules.load())
-        files.atomic_write_json(layout.analysis(name, target), doc, compact=True)  # thousands of nodes
+        ANALYSIS.write(layout.analysis(name, target), doc)
         stages.prestart_conversion(manifest, layout, model, target)
         print(f"analyze {name}@{target}  {analysis.summary_line(doc)}")
 
@@ -208,10 +211,10 @@ def run_resolve(name: str, target: str) -> TaskFailed | None:
                  for i in range(len(model.get("overrides") or []))}
 
     def action():
-        doc = files.read_json(layout.analysis(name, target))
+        doc = ANALYSIS.read(layout.analysis(name, target))
         resolved = resolution.resolve(model, target, doc, Rules.load(), locations=locations,
                                       workdir=layout.pair(name, target))
-        files.atomic_write_json(layout.resolved(name, target), resolved)
+        RESOLUTION.write(layout.resolved(name, target), resolved)
         stages.prestart_conversion(manifest, layout, model, target, resolved)
         print(f"resolve {name}@{target}  {resolution.summary_line(resolved)}")
         for note in resolved["notes"]:
@@ -248,20 +251,28 @@ def run_export(name: str, target: str) -> TaskFailed | None:
     return as_task_failure(action)
 
 
-def run_lock() -> None:
+def run_lock() -> TaskFailed | None:
     from pipeline import stages
 
     manifest, layout = context()
-    path = stages.write_lock(manifest, layout)
-    print(f"lock  {path.relative_to(manifest.directory)}")
+
+    def action():
+        path = stages.write_lock(manifest, layout)
+        print(f"lock  {path.relative_to(manifest.directory)}")
+
+    return as_task_failure(action)
 
 
-def run_report() -> None:
+def run_report() -> TaskFailed | None:
     from pipeline import stages
 
     manifest, layout = context()
-    html, md = stages.write_report(manifest, layout)
-    print(f"report  {html.relative_to(manifest.directory)}  {md.relative_to(manifest.directory)}")
+
+    def action():
+        html, md = stages.write_report(manifest, layout)
+        print(f"report  {html.relative_to(manifest.directory)}  {md.relative_to(manifest.directory)}")
+
+    return as_task_failure(action)
 
 
 # -- task generators ---------------------------------------------------------
