@@ -13,6 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
+ACCURACY_FILE = "accuracy.json"  # also named by the conversion, which knows only the workdir
+
+
 class Layout:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
@@ -55,6 +58,10 @@ class Layout:
     def verify_samples_dir(self, name: str, target: str) -> Path:
         """A dynamic model's samples decoded again at each shape set, for the accuracy check."""
         return self.calibration_dir(name, target) / "verify"
+
+    def accuracy(self, name: str, target: str) -> Path:
+        """The per-layer quantization analysis (:mod:`pipeline.accuracy`), when one ran."""
+        return self.workdir(name, target) / ACCURACY_FILE
 
     def log(self, name: str, target: str) -> Path:
         return self.workdir(name, target) / "convert.log"

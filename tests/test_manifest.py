@@ -260,7 +260,7 @@ defaults:
   options: { optimization_level: 2, compress_weight: true }
   quantization: { dataset: calib/ds.txt, algorithm: mmse }
   overrides:
-    - match: { op_type: AveragePool, attrs: { count_include_pad: 0 } }
+    - match: { op_type: MaxPool }
       action: npu
 models:
   - name: squeeze
