@@ -175,8 +175,9 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 
 def converted(output: str) -> list[str]:
-    """model@target of every convert task doit ran (not the up-to-date ones)."""
-    return re.findall(r"^\.  convert:(\S+)$", output, flags=re.M)
+    """model@target of every convert task doit ran (not the up-to-date ones), from the pipeline's
+    reporter (``[3/11] convert det@rk3588 ...``) or doit's console one (``.  convert:det@rk3588``)."""
+    return re.findall(r"^(?:\.  convert:|\[\d+/\d+\] convert )(\S+?)(?: \(about .*\))?$", output, flags=re.M)
 
 
 def cache_hits(output: str) -> int:

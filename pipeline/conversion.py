@@ -28,6 +28,10 @@ from pathlib import Path
 
 from pipeline import files
 from pipeline.layer_table import parse_layer_table, summarize
+from pipeline.formats import CONVERT_FORMAT
+from pipeline.layout import PairLayout
+from pipeline.records import CONVERT
+from pipeline.errors import PipelineError
 
 # rknn.config() keys fed from the manifest's quantization block.
 _QUANT_CONFIG_KEYS = {
@@ -40,7 +44,7 @@ _QUANT_CONFIG_KEYS = {
 }
 
 
-class ConversionFailed(RuntimeError):
+class ConversionFailed(PipelineError, RuntimeError):
     """The toolkit did not produce a model; the message quotes its own error line."""
 
 
@@ -124,8 +128,8 @@ def _toolkit_version(model: dict, target: str) -> str | None:
     return toolkit_for(model, target, None)
 
 
-def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibration=None) -> dict:
-    """The worker's job document (plain JSON).
+def make_job(model: dict, target: str, resolved: dict, pair: PairLayout | Path, calibration=None) -> dict:
+    """The worker's job document (plain JSON); ``pair`` says where its files go.
 
     ``calibration`` is ``{"dataset", "rows", "verify_rows"}``: the dataset file and rows
     :func:`pipeline.calibration.write_dataset` laid out (the toolkit and verify read those, not
@@ -133,6 +137,7 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
     """
     from pipeline.shapes import dynamic_input
 
+    pair = PairLayout.of(pair)
     onnx_path = resolved.get("converted_onnx") or model["source"]
     args = toolkit_arguments(model, target, onnx_path)
     quant = model.get("quantization") or {}
@@ -148,6 +153,7 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
         "load_onnx": args["load_onnx"],
         "build": args["build"],
         "hybrid": quant.get("hybrid"),
+        "repair": _repair_job(quant.get("repair"), resolved.get("repair")),
         "op_target": resolved.get("op_target") or {},
         "op_target_nodes": {key: [item["node"], item.get("output_index", 0)]
                             for key, item in (resolved.get("explanations") or {}).items()},
@@ -156,10 +162,25 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
         "verify_shapes": model.get("shape_sets") if dynamic_input(model) else None,
         "verify_rows": (calibration or {}).get("verify_rows"),
         "samples": samples,
-        "workdir": str(workdir / "work"),
-        "rknn_path": str(workdir / ("model.rknn" + files.PARTIAL_SUFFIX)),
-        "result_path": str(workdir / "worker-result.json"),
+        "workdir": str(pair.work),
+        "job_path": str(pair.job),
+        "rknn_path": str(pair.partial_rknn),
+        "result_path": str(pair.worker_result),
     }
+
+
+def _repair_job(settings: dict | None, choice: dict | None) -> dict | None:
+    """The worker's repair settings, with an earlier search's choice to start from (``reuse``).
+
+    ``choice`` is what resolved.json records after a repair; the caller passes
+    it only when it was made for these same inputs (see :mod:`pipeline.stages`).
+    """
+    if not settings:
+        return None
+    job = {"min_cosine": settings["min_cosine"], "max_float_layers": settings["max_float_layers"]}
+    if choice and choice.get("float_tensors"):
+        job.update(reuse=choice["float_tensors"], cosine_before=choice.get("cosine_before"))
+    return job
 
 
 def worker_python(job: dict | None = None) -> str:
@@ -338,7 +359,7 @@ def run_worker(job: dict, log_path: Path, timeout: float, python: str | None = N
     python = python or worker_python(job)
     workdir = Path(job["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
-    job_path = workdir / "job.json"
+    job_path = Path(job["job_path"])
     files.atomic_write_json(job_path, {**job, "log_path": str(log_path)})
     result_path = Path(job["result_path"])
     started = time.monotonic()
@@ -481,25 +502,23 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def convert(model: dict, target: str, resolved: dict, workdir: Path, calibration=None) -> dict:
-    """Run one conversion and leave its outputs in ``workdir``; return the ``convert.json`` record.
+def convert(model: dict, target: str, resolved: dict, pair: PairLayout | Path, calibration=None) -> dict:
+    """Run one conversion and leave its outputs in ``pair`` (a :class:`PairLayout`); return the
+    ``convert.json`` record.
 
     Raises :class:`ConversionFailed` (after writing convert.json with the failure)
     when the toolkit did not produce a model.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    final_rknn = workdir / "model.rknn"
-    final_rknn.unlink(missing_ok=True)
-    from pipeline.layout import ACCURACY_FILE
-
-    (workdir / ACCURACY_FILE).unlink(missing_ok=True)  # an analysis from an earlier build would mislead
-    files.remove_partials(workdir)  # left by a worker killed with its parent in an earlier run
-    job = make_job(model, target, resolved, workdir, calibration)
+    pair = PairLayout.of(pair)
+    pair.dir.mkdir(parents=True, exist_ok=True)
+    pair.rknn.unlink(missing_ok=True)
+    pair.accuracy.unlink(missing_ok=True)  # an analysis from an earlier build would mislead
+    files.remove_partials(pair.dir)  # left by a worker killed with its parent in an earlier run
+    job = make_job(model, target, resolved, pair, calibration)
     partial = Path(job["rknn_path"])
     with _terminate_as_interrupt():
         try:
-            return _run_and_record(model, target, job, workdir, final_rknn)
+            return _run_and_record(model, target, job, pair)
         except BaseException:
             # Interrupted or failed anywhere, even after the worker finished: no partial model stays.
             with _shielded():
@@ -507,15 +526,16 @@ def convert(model: dict, target: str, resolved: dict, workdir: Path, calibration
             raise
 
 
-def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rknn: Path) -> dict:
+def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> dict:
     """Run the worker, then turn its result and log into convert.json (and model.rknn, last)."""
     from pipeline import diagnostics
 
-    log_path = workdir / "convert.log"
-    result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
+    log_path = pair.log
+    result, tries = _run_with_retries(model, target, job, log_path)
     log_text = log_path.read_text(errors="replace")
     layers = parse_layer_table(log_text)
     record = {
+        "format": CONVERT_FORMAT,
         "model": model["name"],
         "target": target,
         "ok": bool(result.get("ok")),
@@ -525,12 +545,17 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
         "remaps": result.get("remaps", []),
         "seconds": result.get("seconds"),
         "verify": result.get("verify"),
+        "repair": result.get("repair"),
         "placement": summarize(layers) if layers else None,
         "diagnostics": reconcile(diagnostics.explain_log(log_text), result, layers),
     }
+    if tries > 1:
+        record["attempts"] = tries
     partial = Path(job["rknn_path"])
     verify = result.get("verify")
-    analysis = _record_accuracy(result.get("accuracy"), workdir, record)
+    analysis = _record_accuracy(result.get("accuracy"), pair, record)
+    if result.get("ok"):
+        _check_float_layers(result, layers)
     if result.get("ok") and verify and not verify.get("passed"):
         from pipeline.accuracy import failure_lines
 
@@ -544,25 +569,67 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
         record["error"] = result.get("error") or "the toolkit produced no model"
         record["step"] = result.get("step")
         record["toolkit_error_lines"] = diagnostics.error_lines(log_text)
-        files.atomic_write_json(workdir / "convert.json", record)
+        CONVERT.write(pair.convert_record, record)
         raise ConversionFailed(failure_message(record, log_path))
-    files.atomic_write_json(workdir / "placement.json", layers)
-    files.atomic_write_json(workdir / "convert.json", record)
-    os.replace(partial, final_rknn)
+    files.atomic_write_json(pair.placement, layers)
+    CONVERT.write(pair.convert_record, record)
+    os.replace(partial, pair.rknn)
     return record
 
 
-def _record_accuracy(analysis: dict | None, workdir: Path, record: dict) -> dict | None:
-    """Write the worker's per-layer analysis to accuracy.json and its summary into ``record``."""
-    from pipeline.layout import ACCURACY_FILE
+def _check_float_layers(result: dict, layers: list[dict]) -> None:
+    """Fail the result if a layer asked to stay in float16 (by hand or by the repair) was built in int8.
 
+    The toolkit's layer table is the judge, not our own log line: a name in
+    ``custom_quantize_layers`` that the toolkit accepts and then ignores (e.g.
+    the input's int8 conversion) would otherwise pass silently.
+    """
+    from pipeline.repair import unfloated_layers
+
+    asked = result.get("float_asked") or {}
+    if not asked:
+        return
+    if not layers:
+        result.update(ok=False, step="hybrid", error="hybrid quantization: the build log has no layer table, so "
+                                                     "the layers kept in float cannot be checked")
+        return
+    wrong = unfloated_layers(asked, layers)
+    if wrong:
+        listing = "; ".join(f"tensor '{item['tensor']}' -> layer {item['layer']} ({item['op_type']}) is "
+                            f"{item['dtype']}" for item in wrong)
+        result.update(ok=False, step="hybrid",
+                      error=f"hybrid quantization: {len(wrong)} layer(s) asked to stay in float16 were built in "
+                            f"int8: {listing}. Keep other tensors in float (the table shows each layer's type)")
+
+
+def _run_with_retries(model: dict, target: str, job: dict, log_path: Path) -> tuple[dict, int]:
+    """The worker's result, tried again after a crash where the toolkit is known to crash intermittently.
+
+    ``platforms.UNSTABLE`` lists those builds (w8a16 on rk3562); anywhere else a crash is final,
+    since retrying a deterministic abort only wastes minutes.
+    """
+    from pipeline import platforms
+
+    allowed = platforms.attempts(target, model)
+    for attempt in range(1, allowed + 1):
+        result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
+        crash = _crash_signal(result)
+        if crash is None or attempt == allowed:
+            return result, attempt
+        print(f"{model['name']}@{target}: the toolkit crashed ({crash.name}), which this build does in some "
+              f"runs (pipeline/platforms.py UNSTABLE); try {attempt + 1} of {allowed}", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def _record_accuracy(analysis: dict | None, pair: PairLayout, record: dict) -> dict | None:
+    """Write the worker's per-layer analysis to accuracy.json and its summary into ``record``."""
     if not analysis:
         return None
     if analysis.get("error"):
         record["accuracy"] = {"error": analysis["error"], "why": analysis.get("why")}
     else:
-        files.atomic_write_json(workdir / ACCURACY_FILE, analysis)
-        record["accuracy"] = {"file": ACCURACY_FILE, "why": analysis.get("why"), "worst": analysis.get("worst")}
+        files.atomic_write_json(pair.accuracy, analysis)
+        record["accuracy"] = {"file": pair.accuracy.name, "why": analysis.get("why"), "worst": analysis.get("worst")}
     return analysis
 
 

@@ -140,3 +140,81 @@ def test_an_analysis_the_toolkit_refuses_returns_its_message(tmp_path):
     result = worker._analyse(session, job, tmp_path / "work", session.tensor_producers(), "test")
     session.release()
     assert "(1, 5, 7, 7) is wrong" in result["error"] and "layers" not in result
+
+
+# --- repair and checked hybrid builds (real toolkit) --------------------------------------------
+
+
+def test_a_repair_step_keeps_the_worst_layer_and_what_feeds_it():
+    from pipeline import repair
+
+    layers = accuracy.name_layers(accuracy.parse_error_analysis(FIXTURE.read_text()), PRODUCERS)
+    chosen, new = repair.next_step(layers, PRODUCERS, {})
+    assert chosen["tensor"] == "r2"
+    # relu2 is folded into conv2, whose input r1 (relu1 folded into conv1) carries the outlier channel
+    assert new == {"conv2": ["r2", "c2"], "conv1": ["r1", "c1"]}
+    chosen, more = repair.next_step(layers, PRODUCERS, new)
+    assert chosen["tensor"] == "y_int8" and more == {"conv3": ["y_int8"]}
+    assert repair.summary_line({"float_layers": ["conv2", "conv1"], "cosine_before": 0.6055,
+                                "cosine_after": 0.99989}) == "repaired: 2 float layers, cos 0.6055 -> 0.9999"
+
+
+def test_layers_built_in_int8_against_the_request_are_found():
+    from pipeline import repair
+
+    table = [{"id": 2, "node": "conv1", "dtype": "INT8", "full_name": "Conv:conv1", "op_type": "ConvRelu"},
+             {"id": 3, "node": "conv2", "dtype": "FLOAT16", "full_name": "Conv:conv2", "op_type": "ConvRelu"}]
+    asked = {"r1": {"node": "relu1", "anchor": "conv1"}, "c2": {"node": "conv2", "anchor": "conv2"}}
+    (wrong,) = repair.unfloated_layers(asked, table)
+    assert wrong["tensor"] == "r1" and wrong["layer"] == "Conv:conv1" and wrong["dtype"] == "INT8"
+
+
+@pytest.mark.toolkit
+def test_repair_keeps_the_outlier_layers_in_float_and_passes(tmp_path):
+    from pipeline.conversion import convert
+    from pipeline.layer_table import parse_layer_table
+
+    model = _outlier_model(tmp_path, {"samples": 2, "min_cosine": 0.99})
+    model["quantization"]["repair"] = {"min_cosine": 0.99, "max_float_layers": 4}
+    workdir = tmp_path / "out"
+    record = convert(model, "rk3588", {}, workdir)
+    repair = record["repair"]
+    assert record["ok"] and repair["ok"] and repair["cosine_before"] < 0.9 <= 0.99 <= repair["cosine_after"]
+    assert set(repair["float_layers"]) == {"conv1", "conv2"} and len(repair["attempts"]) == 1
+    assert record["verify"]["passed"]
+    layers = parse_layer_table((workdir / "convert.log").read_text())
+    dtypes = {layer["node"]: layer["dtype"] for layer in layers if layer["node"]}
+    assert dtypes["conv1"] == dtypes["conv2"] == "FLOAT16" and dtypes["conv0"] == dtypes["conv3"] == "INT8"
+
+
+@pytest.mark.toolkit
+def test_repair_out_of_budget_fails_with_the_best_cosine_and_the_layers_tried(tmp_path):
+    from pipeline.conversion import ConversionFailed, convert
+
+    model = _outlier_model(tmp_path, {"samples": 2, "min_cosine": 0.99})
+    model["quantization"]["repair"] = {"min_cosine": 0.99, "max_float_layers": 1}
+    workdir = tmp_path / "out"
+    with pytest.raises(ConversionFailed, match=r"repair did not reach min_cosine 0.99: keeping relu2 .* over "
+                                               r"max_float_layers 1\. Best cosine 0\.\d+ with 0 float layers"):
+        convert(model, "rk3588", {}, workdir)
+    record = json.loads((workdir / "convert.json").read_text())
+    assert record["step"] == "repair" and record["repair"]["ok"] is False
+
+
+@pytest.mark.toolkit
+@pytest.mark.parametrize("start, end, ok", [("c1", "r2", True), ("x_int8", "x_int8", False)])
+def test_hand_written_hybrid_ranges_are_checked_against_the_layer_table(tmp_path, start, end, ok):
+    """c1..r2 puts conv1 and conv2 in float16 (and fixes the outlier); x_int8, the input's int8
+    conversion, is a tensor the toolkit accepts in the .cfg and then ignores: its own layer table shows
+    the input still INT8, and the build fails instead of shipping something other than what was asked."""
+    from pipeline.conversion import ConversionFailed, convert
+
+    model = _outlier_model(tmp_path, {"samples": 2, "min_cosine": 0.0})
+    model["quantization"]["hybrid"] = {"custom_layers": [{"start": start, "end": end}]}
+    workdir = tmp_path / "out"
+    if ok:
+        record = convert(model, "rk3588", {}, workdir)
+        assert record["ok"] and record["verify"]["outputs"][0]["cosine"] > 0.99
+        return
+    with pytest.raises(ConversionFailed, match=r"tensor 'x_int8' -> layer InputOperator:x \(InputOperator\) is INT8"):
+        convert(model, "rk3588", {}, workdir)

@@ -171,6 +171,24 @@ INVALID = [
     ("missing-layer", model(T + "quantization:\n  dataset: calib/ds.txt\n  hybrid:\n"
                             "    custom_layers: [{ start: r0, end: fire2/relu }]\n"),
      "end tensor 'fire2/relu' is not in the model", "9:43"),
+    ("repair-without-verify", model(T + "quantization:\n  dataset: calib/ds.txt\n"
+                                    "  repair: { min_cosine: 0.99, max_float_layers: 8 }\n"),
+     "repair measures each rebuild with the accuracy check, which is off", "8:15"),
+    ("repair-no-layers", model(T + "verify: {}\nquantization:\n  dataset: calib/ds.txt\n"
+                               "  repair: { min_cosine: 0.99, max_float_layers: 0 }\n"),
+     "max_float_layers must be at least 1, got 0", "9:53"),
+    ("repair-cosine-zero", model(T + "verify: {}\nquantization:\n  dataset: calib/ds.txt\n"
+                                 "  repair: { min_cosine: 0, max_float_layers: 8 }\n"),
+     "min_cosine must be above 0, got 0", "9:29"),
+    ("repair-cosine-above-one", model(T + "verify: {}\nquantization:\n  dataset: calib/ds.txt\n"
+                                      "  repair: { min_cosine: 1.5, max_float_layers: 8 }\n"),
+     "min_cosine must be at most 1, got 1.5", "9:29"),
+    ("repair-rv1106", model("targets: [rk3588, rv1106]\nverify: {}\nquantization:\n  dataset: calib/ds.txt\n"
+                            "  repair: { min_cosine: 0.99, max_float_layers: 8 }\n"),
+     "which the toolkit refuses in hybrid quantization for rv1106", "9:15"),
+    ("repair-and-auto-hybrid", model(T + "verify: {}\nquantization:\n  dataset: calib/ds.txt\n  auto_hybrid: true\n"
+                                     "  repair: { min_cosine: 0.99, max_float_layers: 8 }\n"),
+     "repair and auto_hybrid both choose float layers", "10:15"),
     ("std-count", model(T + "mean_values: [[0, 0, 0]]\nstd_values: [[1, 1, 1], [1, 1, 1]]\n"),
      "std_values has 2 entries but mean_values has 1", "7:17"),
     ("mean-count", model(T + "mean_values: [[0, 0, 0], [0, 0, 0]]\n"),
@@ -559,3 +577,54 @@ def test_yaml_keeps_data_plain():
 def test_yaml_refuses_hostile_input(text):
     with pytest.raises(YamlError):
         parse_yaml(text)
+
+
+# -- what users naturally write ----------------------------------------------------------
+
+
+def test_verify_true_and_false(workdir):
+    write(workdir, """\
+        version: 1
+        defaults: {targets: [rk3588], verify: {samples: 2}}
+        models:
+          - {name: checked, source: sq.onnx, verify: true}
+          - {name: unchecked, source: sq.onnx, verify: false}
+          - {name: inherited, source: sq.onnx}
+        """)
+    checked, unchecked, inherited = load_manifest("models.yaml").models
+    assert checked["verify"] == inherited["verify"] and checked["verify"]["samples"] == 2  # defaults: verify
+    assert unchecked["verify"] is None
+    write(workdir, "version: 1\nmodels:\n  - {name: a, source: sq.onnx, targets: [rk3588], verify: true}\n")
+    (model,) = load_manifest("models.yaml").models
+    assert model["verify"]["samples"] == 4 and model["verify"]["min_cosine"] == 0.99  # the schema's defaults
+
+
+@pytest.mark.parametrize("name", ["report.html", "report.md"])
+def test_a_model_named_like_a_file_the_build_writes_is_refused(workdir, name):
+    path = write(workdir, f"version: 1\nmodels:\n  - name: {name}\n    source: sq.onnx\n    targets: [rk3588]\n")
+    (problem,) = problems_of(path)
+    assert (problem.line, problem.col) == (3, 11)
+    assert f"model name '{name}' is reserved: the build writes build/{name} itself" in problem.message
+
+
+@pytest.mark.parametrize(("target", "dtype"), sorted(platforms.ABORTS))
+def test_a_dtype_that_aborts_the_toolkit_is_refused_at_load(workdir, target, dtype):
+    path = write(workdir, f"""\
+        version: 1
+        models:
+          - name: a
+            source: sq.onnx
+            targets: [{target}]
+            quantization: {{dataset: calib/ds.txt, dtype: {dtype}}}
+        """)
+    (problem,) = problems_of(path)
+    assert problem.line == 5
+    assert f"{target} cannot build quantization dtype {dtype}: config() accepts it, then the toolkit's " \
+           "compiler aborts the whole process in build()" in problem.message
+    assert "(measured 2.5.0)" not in problem.message and "measured 2.5.0" in problem.message
+
+
+def test_an_intermittent_crash_is_retried_not_refused():
+    model = {"quantization": {"dataset": "d", "dtype": "w8a16"}}
+    assert platforms.check_target_options("rk3562", model) == []
+    assert platforms.attempts("rk3562", model) == 3 and platforms.attempts("rk3588", {"quantization": None}) == 1
