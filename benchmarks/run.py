@@ -53,10 +53,13 @@ GNU_TIME = Path("/usr/bin/time")
 BENCH_MODELS = ("inception_v2", "inception_v2_int8", "densenet121", "shufflenet")
 PARALLEL_TARGETS = ("rk3588", "rk3576", "rk3566", "rk3562")  # all convert float16 models
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore",
-            "6 scale", "7 large model", "8 worker model", "9 shapes", "10 shards")
+            "6 scale", "7 large model", "8 worker model", "9 shapes", "10 repair", "11 shards")
 # sections measured on section 1's build (see Benchmark.run)
 NEEDS_BUILD = ("1 cold build", "2 no-op rebuild", "3 one changed", "5 cache restore", "6 scale")
-SHAPE_MODELS = ("rec", "rec_dynamic")  # models.yaml entries: one recogniser as buckets and as one dynamic model
+SHAPE_MODELS = ("rec", "rec_dynamic")
+# models.yaml entries measured by "10 repair": the generated outlier case, and a bigger example model
+# (constant-fill weights) quantized for rk3588 with the int8 entry's dataset
+REPAIR_MODELS = ("outlier_repaired", "inception_v2")  # models.yaml entries: one recogniser as buckets and as one dynamic model
 
 
 @dataclass(frozen=True)
@@ -692,7 +695,7 @@ class Benchmark:
             if wanted(SECTIONS[2]):
                 self.timed(self.one_changed, built)
         figures = (self.parallel, self.cache_restore, self.scale, self.large_model, self.worker_model, self.shapes,
-                   self.shards)
+                   self.repair, self.shards)
         for section, figure in zip(SECTIONS[3:], figures):
             if wanted(section):
                 self.timed(figure)
@@ -1059,11 +1062,11 @@ class Benchmark:
                            "over the verify samples: the two calibration images, resized to each width (for the "
                            "dynamic model too, although the toolkit calibrates it at the largest width only).")
 
-    # 10 ------------------------------------------------------------------------------------------
+    # 11 ------------------------------------------------------------------------------------------
     def shards(self) -> None:
         """Shard balance on real graphs (first from size estimates, then from recorded durations), and the
         cost of a plan that finds everything cached."""
-        section = SECTIONS[9]
+        section = SECTIONS[10]
         cache = self.scratch.path("shard-cache")
         balance: dict[str, list[float]] = {}
         rounds = (("estimates", 0.5), ("recorded durations", 0.6))
@@ -1153,6 +1156,61 @@ def noop_plan_manifest(models: int) -> dict:
         {"name": f"m{i}", "source": "examples/models/tiny_pool_identity.onnx",
          "targets": ["rk3588", "rk3576", "rk3566", "rk3562"], "inputs": {"x": [1, 3, 32, 32]}}
         for i in range(models)]}
+
+
+    # 10 ------------------------------------------------------------------------------------------
+    def repair(self) -> None:
+        """quantization.repair against plain int8 and float16: accuracy, cost of the search, speed and size."""
+        section = SECTIONS[9]
+        manifest = yaml.safe_load((REPO / "models.yaml").read_text())
+        by_name = {m["name"]: m for m in manifest["models"]}
+        repair = by_name["outlier_repaired"]["quantization"]["repair"]
+        for base in REPAIR_MODELS:
+            model = copy.deepcopy(by_name[base])
+            if not model.get("quantization"):
+                model["quantization"] = copy.deepcopy(by_name["inception_v2_int8"]["quantization"])
+            model["targets"] = ["rk3588"]
+            quant = {k: v for k, v in model["quantization"].items() if k != "repair"}
+            variants = {  # verify min_cosine -1: the plain builds must finish so their cosine can be read
+                "int8": {**model, "name": f"{base}-int8", "quantization": quant, "verify": {"min_cosine": -1}},
+                "float16": {**model, "name": f"{base}-float16", "quantization": None, "verify": {"min_cosine": -1}},
+                "repair": {**model, "name": f"{base}-repair", "quantization": {**quant, "repair": repair}},
+            }
+            figures: dict[str, dict[str, list[float]]] = {way: {} for way in variants}
+            for run in range(self.config.repeat):
+                progress(f"{section}: {base}, run {run + 1}/{self.config.repeat}")
+                ws = self.scratch.workspace(f"repair-{base}", {**manifest, "models": list(variants.values())})
+                for way, entry in variants.items():
+                    self.scratch.doit(ws, f"export:{entry['name']}@rk3588")
+                    sidecar = json.loads((ws / "dist" / "rk3588" / f"{entry['name']}.json").read_text())
+                    record = json.loads((ws / "build" / entry["name"] / "rk3588" / "convert.json").read_text())
+                    found = figures[way]
+                    found.setdefault("cos", []).append(min(o["cosine"] for o in sidecar["verify"]["outputs"]))
+                    found.setdefault("seconds", []).append(record["seconds"])
+                    found.setdefault("size", []).append(sidecar["rknn"]["size"])
+                    found.setdefault("cycles", []).append(sidecar["placement"]["total_cycles"])
+                    found.setdefault("float", []).append(len((sidecar.get("repair") or {}).get("float_layers") or []))
+            label = f"{base} (rk3588)"
+            self.add(section, f"{label}: cosine, plain int8", "cos", figures["int8"]["cos"])
+            self.add(section, f"{label}: cosine, repaired", "cos", figures["repair"]["cos"])
+            self.add(section, f"{label}: cosine, float16", "cos", figures["float16"]["cos"])
+            self.add(section, f"{label}: float16 layers the repair chose", "layers", figures["repair"]["float"])
+            self.add(section, f"{label}: repair's conversion time / one plain int8 conversion", "x",
+                     ratios(figures["repair"]["seconds"], figures["int8"]["seconds"]))
+            for other in ("int8", "float16"):
+                self.add(section, f"{label}: .rknn size, repaired / {other}", "x",
+                         ratios(figures["repair"]["size"], figures[other]["size"]))
+                self.add(section, f"{label}: estimated cycles, repaired / {other}", "x",
+                         ratios(figures["repair"]["cycles"], figures[other]["cycles"]))
+        self.note(section, f"Each model of {', '.join(REPAIR_MODELS)} built three ways for rk3588 in one fresh "
+                           f"workspace per run: plain int8 (w8a8), float16, and int8 with `quantization: {{repair: "
+                           f"{{min_cosine: {repair['min_cosine']}, max_float_layers: {repair['max_float_layers']}}}}}`. "
+                           "Cosine is the worst output's, simulator against onnxruntime on the verify samples. "
+                           "Conversion times are the workers' own (convert.json: build, export, verify, and for the "
+                           "repair its analyses and rebuilds). Cycles are the compiler's estimate summed over the "
+                           "layer table, not a measurement on a board. inception_v2's weights are constant fills "
+                           "(examples/models/README.md), so plain int8 already passes there: the figures show what "
+                           "repair costs when nothing needs repairing.")
 
 
 # -- report --------------------------------------------------------------------------------------
