@@ -550,7 +550,10 @@ def report_records(manifest, layout) -> list[dict]:
                 refused = files.read_json(layout.export_error(model["name"], target)) or {}
                 error = converted.get("error") or refused.get("error")
                 sidecar = {"model": model["name"], "target": target, "status": "failed" if error else "not built",
-                           "error": error, "placement": converted.get("placement")}
+                           "error": error, "placement": converted.get("placement"), "repair": converted.get("repair")}
+            analysis = files.read_json(layout.accuracy(model["name"], target))
+            if analysis and analysis.get("layers"):  # drawn per layer by the report
+                sidecar = {**sidecar, "accuracy_layers": analysis["layers"]}
             records.append(sidecar)
     return records
 
