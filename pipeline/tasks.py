@@ -210,7 +210,7 @@ def export_key(model: dict, target: str) -> dict:
 # -- actions (module level: picklable for doit -n N) --------------------------
 
 def run_analyze(name: str, target: str) -> TaskFailed | None:
-    from pipeline import analysis
+    from pipeline import analysis, stages
     from pipeline.placement_rules import Rules
 
     manifest, layout = context()
@@ -219,6 +219,7 @@ def run_analyze(name: str, target: str) -> TaskFailed | None:
     def action():
         doc = analysis.analyze(model, target, Rules.load())
         ANALYSIS.write(layout.analysis(name, target), doc)
+        stages.prestart_conversion(manifest, layout, model, target)
         print(f"analyze {name}@{target}  {analysis.summary_line(doc)}")
 
     return as_task_failure(action, f"{manifest.location('models', model['index'], 'source')}: {name}@{target}: ")

@@ -218,3 +218,71 @@ def test_hand_written_hybrid_ranges_are_checked_against_the_layer_table(tmp_path
         return
     with pytest.raises(ConversionFailed, match=r"tensor 'x_int8' -> layer InputOperator:x \(InputOperator\) is INT8"):
         convert(model, "rk3588", {}, workdir)
+
+
+def test_repair_adds_to_hand_written_ranges_and_never_removes_them(tmp_path):
+    import yaml
+
+    from pipeline import worker
+
+    cfg = tmp_path / "m.quantization.cfg"
+    order = ["x", "c0", "r0", "c1", "r1", "c2", "r2", "y"]
+    cfg.write_text(yaml.safe_dump({"custom_quantize_layers": {}, "quantize_parameters": {t: {} for t in order}},
+                                  sort_keys=False))
+    custom = worker._add_custom_hybrid_layers(cfg, [{"start": "c0", "end": "r0", "dtype": "int16"}],
+                                              ["r0", "c2", "not_quantized"])
+    assert custom == {"c0": "int16", "r0": "int16", "c2": "float16"}  # the hand-written range wins its tensors
+    assert yaml.safe_load(cfg.read_text())["custom_quantize_layers"] == custom
+
+
+def _example(name: str) -> str:
+    """One model's block of the repository's models.yaml, under its header and defaults."""
+    text = (REPO / "models.yaml").read_text()
+    head = text[:text.index("models:")]
+    start = text.index(f"  - name: {name}")
+    end = text.find("\n  - name:", start + 1)
+    return head + "models:\n" + text[start:end if end > 0 else None].rstrip() + "\n"
+
+
+@pytest.mark.toolkit
+def test_the_repaired_example_records_its_choice_and_a_rebuild_reuses_it(tmp_path):
+    from conftest import Project
+
+    project = Project(tmp_path)
+    project.write_manifest(_example("outlier_repaired"))
+    first = project.doit()
+    line = next(line for line in first.stdout.splitlines() if line.startswith("convert outlier_repaired@rk3588"))
+    assert "repaired: 2 float layers, cos 0.6" in line, line
+    pair = project.root / "build" / "outlier_repaired" / "rk3588"
+    choice = json.loads((pair / "resolved.json").read_text())["repair"]
+    assert set(choice["float_layers"]) == {"conv1", "conv2"} and choice["cosine_after"] >= 0.99
+    sidecar = json.loads((project.root / "dist" / "rk3588" / "outlier_repaired.json").read_text())
+    assert sidecar["repair"]["float_tensors"] == choice["float_tensors"]
+    lock = json.loads((project.root / "dist" / "models.lock.json").read_text())
+    assert lock["entries"]["rk3588/outlier_repaired"]["repair"]["float_tensors"] == choice["float_tensors"]
+    assert "repair: keeping" in (pair / "convert.log").read_text()
+
+    project.doit("forget", "convert:outlier_repaired@rk3588")
+    second = project.doit()
+    assert "convert:outlier_repaired@rk3588" in Project.ran(second)
+    assert "repair: keeping" not in (pair / "convert.log").read_text()  # built with the choice, no search
+    record = json.loads((pair / "convert.json").read_text())
+    assert record["repair"]["reused"] and record["repair"]["attempts"] == [] and record["verify"]["passed"]
+    assert "(choice reused)" in second.stdout
+
+
+def test_the_report_draws_each_analysed_layer_and_the_repair():
+    from pipeline import report
+
+    layers = accuracy.name_layers(accuracy.parse_error_analysis(FIXTURE.read_text()), PRODUCERS)
+    records = [{"model": "outlier", "target": "rk3588", "status": "ok", "accuracy_layers": layers,
+                "verify": {"min_cosine": 0.99, "passed": True, "outputs": [{"cosine": 0.9999}]},
+                "repair": {"float_layers": ["conv2", "conv1"], "cosine_before": 0.6121, "cosine_after": 0.9999}},
+               {"model": "plain", "target": "rk3588", "status": "ok"}]
+    summary = report.build_report(records)
+    page = report.render_html(summary)
+    assert page.count('<g class="layer"') == 4  # relu0, relu1, relu2, conv3: the layers with a measured cosine
+    assert 'data-single="0.56433"' in page and "relu2 (Relu)" in page
+    text = report.render_markdown(summary)
+    assert "## Per-layer accuracy" in text and "relu2 (Relu): single cos 0.5643, entire cos 0.5643" in text
+    assert "pass (repaired: 2 float layers, cos 0.6121 -\\> 0.9999)" in text  # ">" escaped for Markdown
