@@ -291,8 +291,13 @@ atexit.register(_Zygotes.close_all)
 def prestart_worker(job: dict) -> None:
     """Start the zygote for ``job``'s interpreter now, so the toolkit's import overlaps the tasks that
     run before the first conversion (analysis, resolution). No-op in ``fresh`` mode or when running."""
-    if (os.environ.get("RKNN_PIPELINE_WORKER") or "fork") == "fork":
-        _Zygotes.get(worker_python(job), Path(job["workdir"]).parents[2])
+    if (os.environ.get("RKNN_PIPELINE_WORKER") or "fork") != "fork":
+        return
+    try:
+        python = worker_python(job)
+    except ConversionFailed:  # best effort: the conversion itself reports it
+        return
+    _Zygotes.get(python, Path(job["workdir"]).parents[2])
 
 
 class _Standby:

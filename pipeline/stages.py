@@ -8,6 +8,7 @@ writes the deliverables in ``dist/`` with their provenance.
 
 from __future__ import annotations
 
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -145,18 +146,29 @@ def detail_lines(record: dict) -> list[str]:
     return lines
 
 
-def prestart_conversion(manifest, layout, model: dict, target: str, resolved: dict) -> None:
-    """Start the toolkit's import now if this pair will be converted rather than restored from the
-    cache, so the import overlaps the analysis and resolution still to run."""
+def prestart_conversion(manifest, layout, model: dict, target: str, resolved: dict | None = None) -> None:
+    """Start the toolkit's import now if this pair will be converted, so the import overlaps the
+    analysis and resolution still to run.
+
+    An analysis that runs means the pair changed, so it converts, unless a cache holds it:
+    without a cache the import starts at ``analyze``; with one, at ``resolve`` (``resolved``
+    given), where the conversion's key is known and a hit starts nothing.
+    """
     from pipeline import conversion
 
-    store = open_cache(manifest)
-    resolved, key, _ = repair_choice(manifest, layout, model, target, resolved)
-    if store is not None and store.has(key):
-        return
     if fanin_mode():
         return  # the fan-in restores or fails; it never starts the toolkit
-    conversion.prestart_worker(conversion.make_job(model, target, resolved, layout.pair(model["name"], target)))
+    if resolved is None:
+        from pipeline import cache
+
+        if os.environ.get(cache.ENV_VAR) or manifest.cache_url:
+            return
+    else:
+        store = open_cache(manifest)
+        resolved, key, _ = repair_choice(manifest, layout, model, target, resolved)
+        if store is not None and store.has(key):
+            return
+    conversion.prestart_worker(conversion.make_job(model, target, resolved or {}, layout.pair(model["name"], target)))
 
 
 def open_cache(manifest):
