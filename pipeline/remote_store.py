@@ -36,6 +36,7 @@ from pipeline.cache_entry import (
     entry_document,
     file_sha256,
     _warn_stderr,
+    publish,
 )
 from pipeline.files import PARTIAL_SUFFIX
 
@@ -155,10 +156,7 @@ class ObjectStore:
             for name, record in records.items():
                 temps[name] = dest_dir / f".{name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
                 self._download(record, temps[name])
-            restored = {}
-            for name, temp in temps.items():
-                os.replace(temp, dest_dir / name)
-                restored[name] = dest_dir / name
+            restored = publish(temps, dest_dir)
             temps.clear()
             return restored
         except (CorruptEntry, SignatureError) as exc:
