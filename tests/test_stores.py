@@ -178,7 +178,9 @@ def test_server_errors_are_a_warning_and_a_miss(proxied, artifacts, tmp_path, wa
     assert store.get(KEY, tmp_path / "out") is None
     assert not store.has(KEY)
     store.put(OTHER, artifacts)  # skipped, not raised
-    assert len(warnings) == 1 and ("InternalError" in warnings[0] or "500" in warnings[0]), warnings
+    # s3fs words a 500 as botocore's code or as its own errno text, depending on the call that met it
+    assert len(warnings) == 1 and any(text in warnings[0] for text in ("InternalError", "500",
+                                                                       "Internal Server Error")), warnings
     assert no_partials(tmp_path / "out")
     proxy.mode = "pass"
     assert not opened(url, warnings).has(OTHER)
