@@ -117,6 +117,13 @@ def dataset_file(model: dict) -> str | None:
     return dataset if isinstance(dataset, str) else None
 
 
+def _toolkit_version(model: dict, target: str) -> str | None:
+    """The rknn-toolkit2 version this conversion asks for (None: the installed one)."""
+    from pipeline.runtime_gate import toolkit_for
+
+    return toolkit_for(model, target, None)
+
+
 def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibration=None) -> dict:
     """The worker's job document (plain JSON).
 
@@ -134,6 +141,7 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
         args["build"]["dataset"], samples = str(calibration["dataset"]), calibration["rows"]
     return {
         "model": model["name"],
+        "toolkit_version": _toolkit_version(model, target),
         "target": target,
         "onnx": onnx_path,
         "config": args["config"],
@@ -163,7 +171,15 @@ def worker_python(job: dict | None = None) -> str:
     The job is passed so that a job can name its own toolkit environment; a
     zygote is kept per interpreter.
     """
-    return os.environ.get("RKNN_PIPELINE_WORKER_PYTHON") or sys.executable
+    override = os.environ.get("RKNN_PIPELINE_WORKER_PYTHON")
+    if override:
+        return override
+    from pipeline.toolkit_envs import ToolkitEnvError, python_for
+
+    try:
+        return python_for((job or {}).get("toolkit_version"))
+    except ToolkitEnvError as exc:
+        raise ConversionFailed(str(exc)) from exc
 
 
 WORKER_MODES = ("fork", "fresh")
@@ -273,7 +289,9 @@ class _Standby:
     def spawn(cls, python: str, build_dir: Path) -> subprocess.Popen:
         from pipeline.zygote import die_with_parent
 
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        from pipeline.toolkit_envs import worker_environment
+
+        env = worker_environment(python)
         return subprocess.Popen([python, "-m", "pipeline.worker", "--standby", str(build_dir)],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=env, start_new_session=True, preexec_fn=die_with_parent)
@@ -473,6 +491,9 @@ def convert(model: dict, target: str, resolved: dict, workdir: Path, calibration
     workdir.mkdir(parents=True, exist_ok=True)
     final_rknn = workdir / "model.rknn"
     final_rknn.unlink(missing_ok=True)
+    from pipeline.layout import ACCURACY_FILE
+
+    (workdir / ACCURACY_FILE).unlink(missing_ok=True)  # an analysis from an earlier build would mislead
     files.remove_partials(workdir)  # left by a worker killed with its parent in an earlier run
     job = make_job(model, target, resolved, workdir, calibration)
     partial = Path(job["rknn_path"])
@@ -491,7 +512,7 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
     from pipeline import diagnostics
 
     log_path = workdir / "convert.log"
-    result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
+    result, tries = _run_with_retries(model, target, job, log_path)
     log_text = log_path.read_text(errors="replace")
     layers = parse_layer_table(log_text)
     record = {
@@ -507,13 +528,19 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
         "placement": summarize(layers) if layers else None,
         "diagnostics": reconcile(diagnostics.explain_log(log_text), result, layers),
     }
+    if tries > 1:
+        record["attempts"] = tries
     partial = Path(job["rknn_path"])
     verify = result.get("verify")
+    analysis = _record_accuracy(result.get("accuracy"), workdir, record)
     if result.get("ok") and verify and not verify.get("passed"):
+        from pipeline.accuracy import failure_lines
+
         worst = min(verify.get("outputs") or [{"cosine": float("nan")}], key=lambda o: o["cosine"])
+        message = (f"accuracy check failed: cosine {worst['cosine']:.4f} on output "
+                   f"'{worst.get('name')}' is below min_cosine {verify.get('min_cosine')}")
         result.update(ok=False, step="verify",
-                      error=f"accuracy check failed: cosine {worst['cosine']:.4f} on output "
-                            f"'{worst.get('name')}' is below min_cosine {verify.get('min_cosine')}")
+                      error="\n  ".join([message, *failure_lines(analysis)]))
     if not result.get("ok") or not partial.exists():
         partial.unlink(missing_ok=True)
         record["error"] = result.get("error") or "the toolkit produced no model"
@@ -525,6 +552,39 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
     files.atomic_write_json(workdir / "convert.json", record)
     os.replace(partial, final_rknn)
     return record
+
+
+def _run_with_retries(model: dict, target: str, job: dict, log_path: Path) -> tuple[dict, int]:
+    """The worker's result, tried again after a crash where the toolkit is known to crash intermittently.
+
+    ``platforms.UNSTABLE`` lists those builds (w8a16 on rk3562); anywhere else a crash is final,
+    since retrying a deterministic abort only wastes minutes.
+    """
+    from pipeline import platforms
+
+    allowed = platforms.attempts(target, model)
+    for attempt in range(1, allowed + 1):
+        result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
+        crash = _crash_signal(result)
+        if crash is None or attempt == allowed:
+            return result, attempt
+        print(f"{model['name']}@{target}: the toolkit crashed ({crash.name}), which this build does in some "
+              f"runs (pipeline/platforms.py UNSTABLE); try {attempt + 1} of {allowed}", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def _record_accuracy(analysis: dict | None, workdir: Path, record: dict) -> dict | None:
+    """Write the worker's per-layer analysis to accuracy.json and its summary into ``record``."""
+    from pipeline.layout import ACCURACY_FILE
+
+    if not analysis:
+        return None
+    if analysis.get("error"):
+        record["accuracy"] = {"error": analysis["error"], "why": analysis.get("why")}
+    else:
+        files.atomic_write_json(workdir / ACCURACY_FILE, analysis)
+        record["accuracy"] = {"file": ACCURACY_FILE, "why": analysis.get("why"), "worst": analysis.get("worst")}
+    return analysis
 
 
 def reconcile(items: list[dict], result: dict, layers: list[dict]) -> list[dict]:

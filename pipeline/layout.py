@@ -13,7 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
+ACCURACY_FILE = "accuracy.json"  # also named by the conversion, which knows only the workdir
+
+
 class Layout:
+    # Files the build writes directly under build/ (beside the per-model directories) and dist/
+    # (beside the per-target ones): a model or target with one of these names would collide.
+    BUILD_FILES = ("report.html", "report.md")
+    DIST_FILES = ("models.lock.json",)
+
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self.build = self.root / "build"
@@ -56,6 +64,10 @@ class Layout:
         """A dynamic model's samples decoded again at each shape set, for the accuracy check."""
         return self.calibration_dir(name, target) / "verify"
 
+    def accuracy(self, name: str, target: str) -> Path:
+        """The per-layer quantization analysis (:mod:`pipeline.accuracy`), when one ran."""
+        return self.workdir(name, target) / ACCURACY_FILE
+
     def log(self, name: str, target: str) -> Path:
         return self.workdir(name, target) / "convert.log"
 
@@ -66,10 +78,10 @@ class Layout:
         return self._inside(self.dist, target, f"{name}.json")
 
     def lock_file(self) -> Path:
-        return self.dist / "models.lock.json"
+        return self.dist / self.DIST_FILES[0]
 
     def report_html(self) -> Path:
-        return self.build / "report.html"
+        return self.build / self.BUILD_FILES[0]
 
     def report_md(self) -> Path:
-        return self.build / "report.md"
+        return self.build / self.BUILD_FILES[1]

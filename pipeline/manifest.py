@@ -369,6 +369,7 @@ def _message(error, path: tuple) -> str:
         "enum": lambda: _enum_message(path, value, rule),
         "const": lambda: f"{label} must be {rule!r}, got {_describe(value)}",
         "pattern": lambda: f"invalid {label} {value!r}: {error.schema.get('errorMessage', f'must match {rule}')}",
+        "oneOf": lambda: f"invalid {label} {value!r}: {error.schema.get('errorMessage', 'matches none of its forms')}",
         "minLength": lambda: f"{label} must not be empty",
         "maxLength": lambda: f"{label} is longer than {rule} characters",
         "minItems": lambda: f"{label} must not be empty" if rule == 1 else f"{label} needs at least {rule} items",
@@ -517,6 +518,10 @@ def _effective_model(index: int, raw: dict, defaults: dict, directory: Path) -> 
         model["source"] = _absolute(directory, model["source"])
     model["quantization"] = _effective_quantization(model["quantization"], directory)
     model["shape_sets"] = shape_sets.shape_sets(model["inputs"])
+    if model["verify"] is True:  # "verify: true" means the defaults: block's settings, else the schema's
+        model["verify"] = _clone(defaults.get("verify")) if isinstance(defaults.get("verify"), dict) else {}
+    elif model["verify"] is False:
+        model["verify"] = None
     if isinstance(model["verify"], dict):
         model["verify"] = {**_schema_defaults("verify"), **model["verify"]}
     for override in model["overrides"] if isinstance(model["overrides"], list) else ():
@@ -557,6 +562,9 @@ class _Graph(NamedTuple):
     tensors: frozenset
     ops: frozenset
     input_types: dict  # real input name -> [ONNX element type, dims (None for a dynamic dim) or None]
+    # what override selectors match, per node: index, name, op_type, attrs (ONNX defaults and small
+    # constant inputs filled in, as in analysis.json), inputs, outputs
+    nodes: tuple = ()
 
 
 class _Checker:
@@ -566,6 +574,7 @@ class _Checker:
         self.report, self.data, self.models, self.check_files = report, data, models, check_files
         self.broken = _broken_fields(broken)
         self.datasets: dict[str, tuple] = {}
+        self.unknown_op_types: set[tuple[int, int]] = set()  # (model, override) already reported
 
     def clean(self, model: dict, *fields: str) -> bool:
         """Whether the schema found nothing wrong in these fields of ``model``."""
@@ -591,6 +600,13 @@ class _Checker:
                 message = f"duplicate model name {name!r} (first used at line {line})"
                 self.report.add_model(model, "name", message=message)
             first.setdefault(name, model["index"])
+        from .layout import Layout
+
+        for model in self.models:  # build/<name>/ must not be a file the build writes there itself
+            if model["name"] in Layout.BUILD_FILES:
+                message = (f"model name {model['name']!r} is reserved: the build writes build/{model['name']} "
+                           f"itself (reserved under build/: {', '.join(Layout.BUILD_FILES)}); rename the model")
+                self.report.add_model(model, "name", message=message)
         for model in self.models:  # a bucket is named <name>.<dims>: it must not clash either
             if not isinstance(model["name"], str) or shape_sets.mode(model) != "buckets":
                 continue
@@ -608,6 +624,9 @@ class _Checker:
             self.check_platforms(model)
         if self.clean(model, "overrides"):
             self.check_op_types(model, graph)
+        if graph is not None and graph.nodes and model["overrides"] and self.clean(model, "overrides", "outputs",
+                                                                                   "targets"):
+            self.check_selectors(model, graph)
         if self.clean(model, "inputs", "shapes"):
             self.check_shapes(model)
         infos = self.input_infos(model, graph) if graph is not None and self.clean(model, "inputs") else None
@@ -617,6 +636,51 @@ class _Checker:
             self.check_quantization(model, infos)
         if graph is not None and self.clean(model, "inputs", "outputs", "quantization", "mean_values", "std_values"):
             self.check_tensor_names(model, graph)
+        if model.get("toolkit") and self.clean(model, "targets", "toolkit"):
+            self.check_toolkit(model)
+        if model.get("runtime") and self.clean(model, "targets", "runtime", "allow_newer_toolkit", "toolkit"):
+            self.check_runtime(model)
+
+    def check_toolkit(self, model: dict) -> None:
+        """A per-model toolkit must be one PyPI has for this Python (or the installed one), for a built target."""
+        from pipeline import runtime_gate
+        from pipeline.toolkit import installed_version
+
+        chosen = model["toolkit"]
+        by_target = chosen if isinstance(chosen, dict) else {None: chosen}
+        available = runtime_gate.rules()["pypi_toolkits"]["versions"]
+        for target, version in by_target.items():
+            where = ("toolkit", target) if target else ("toolkit",)
+            if target and target not in model["targets"]:
+                message = (f"toolkit for {target!r}, which model {model['name']!r} does not build "
+                           f"(targets: {', '.join(model['targets'])})")
+                self.report.add_model(model, *where, message=message, key=True)
+            elif version not in available and version != installed_version():
+                message = (f"rknn-toolkit2 {version} is not on PyPI for this Python and platform (available: "
+                           f"{', '.join(available)})")
+                self.report.add_model(model, *where, message=message)
+
+    def check_runtime(self, model: dict) -> None:
+        """The boards' runtime against the toolkit that builds each target (pipeline/runtime_gate.py)."""
+        from pipeline import runtime_gate
+        from pipeline.toolkit import installed_version
+
+        runtime = model["runtime"]
+        if isinstance(runtime, dict):
+            for target in runtime:
+                if target not in model["targets"]:
+                    message = (f"runtime for {target!r}, which model {model['name']!r} does not build "
+                               f"(targets: {', '.join(model['targets'])})")
+                    self.report.add_model(model, "runtime", target, message=message, key=True)
+        for target in model["targets"]:
+            declared = runtime_gate.runtime_for(model, target)
+            toolkit = runtime_gate.toolkit_for(model, target, installed_version())
+            if not declared or not toolkit:
+                continue
+            verdict = runtime_gate.check(target, toolkit, declared, bool(model.get("allow_newer_toolkit")))
+            where = ("runtime", target) if isinstance(runtime, dict) else ("runtime",)
+            for message in verdict.errors:
+                self.report.add_model(model, *where, message=message)
 
     def check_targets(self, model: dict) -> None:
         if not model["targets"]:
@@ -639,6 +703,15 @@ class _Checker:
             if op_type not in known:
                 message = f"unknown op_type {op_type!r}{_did_you_mean(op_type, known)}"
                 self.report.add_model(model, "overrides", index, "match", "op_type", message=message)
+                self.unknown_op_types.add((model["index"], index))
+
+    def check_selectors(self, model: dict, graph: _Graph) -> None:
+        """What resolve would refuse for any target (a selector matching nothing, ...), now, not mid-build."""
+        from .resolution import selector_problems
+
+        for index, path, message in selector_problems(model, _kept_nodes(graph.nodes, model["outputs"])):
+            if (model["index"], index) not in self.unknown_op_types:  # "did you mean" says it better
+                self.report.add_model(model, "overrides", index, *path, message=message)
 
     def check_shapes(self, model: dict) -> None:
         """Several shapes per input: lists of equal length, one form per input."""
@@ -989,7 +1062,8 @@ def _read_graph(path: str, mtime_ns: int, size: int) -> _Graph | str:
     memo = _graph_memo_path(path, mtime_ns, size)
     try:
         facts = json.loads(memo.read_text())
-        return _Graph(facts["inputs"], frozenset(facts["tensors"]), frozenset(facts["ops"]), facts["input_types"])
+        return _Graph(facts["inputs"], frozenset(facts["tensors"]), frozenset(facts["ops"]), facts["input_types"],
+                      tuple(facts["nodes"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass
     graph = _parse_graph(path, size)
@@ -998,7 +1072,8 @@ def _read_graph(path: str, mtime_ns: int, size: int) -> _Graph | str:
             memo.parent.mkdir(parents=True, exist_ok=True)
             tmp = memo.with_suffix(f".{os.getpid()}.partial")
             tmp.write_text(json.dumps({"inputs": graph.inputs, "tensors": sorted(graph.tensors),
-                                       "ops": sorted(graph.ops), "input_types": graph.input_types}))
+                                       "ops": sorted(graph.ops), "input_types": graph.input_types,
+                                       "nodes": list(graph.nodes)}))
             os.replace(tmp, memo)
         except OSError:  # a read-only home only costs speed
             pass
@@ -1024,7 +1099,37 @@ def _parse_graph(path: str, size: int) -> _Graph | str:
         return f"is not a valid ONNX model ({type(error).__name__}: {error})"
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
         return "is not a valid ONNX model (no graph found)"
-    return _graph_names(model.graph)
+    return _graph_names(model.graph)._replace(nodes=_selector_nodes(model))
+
+
+def _selector_nodes(model) -> tuple:
+    """Each node as override selectors see it, with the attributes analysis.json gives it."""
+    from .analysis import _opset, constant_inputs, node_attributes, small_constants
+
+    constants = small_constants(model)
+    records = []
+    for index, node in enumerate(model.graph.node):
+        opset = _opset(model, node.domain)
+        attrs = node_attributes(node, opset)
+        attrs.update(constant_inputs(node, opset, constants, attrs))
+        records.append({"index": index, "name": node.name, "op_type": node.op_type, "attrs": attrs,
+                        "inputs": list(node.input), "outputs": list(node.output)})
+    return tuple(records)
+
+
+def _kept_nodes(nodes: tuple, outputs: list | None) -> list[dict]:
+    """The nodes that compute ``outputs`` (all without): the subgraph the toolkit converts."""
+    if not outputs:
+        return list(nodes)
+    producer = {out: node for node in nodes for out in node["outputs"]}
+    kept: dict[int, dict] = {}
+    pending = [producer[name] for name in outputs if name in producer]
+    while pending:
+        node = pending.pop()
+        if node["index"] not in kept:
+            kept[node["index"]] = node
+            pending += [producer[name] for name in node["inputs"] if name in producer]
+    return sorted(kept.values(), key=lambda node: node["index"])
 
 
 def _graph_names(graph) -> _Graph:

@@ -83,6 +83,8 @@ def _row(record: dict) -> dict:
     ]
     passed = verify.get("passed")
     hit = _dict(record.get("cache")).get("hit")
+    built = _dict(record.get("built_with"))
+    runtime = _dict(record.get("runtime"))
 
     return {
         "model": _text(record.get("model"), "?"),
@@ -90,6 +92,8 @@ def _row(record: dict) -> dict:
         "status": _text(record.get("status"), "unknown"),
         "error": _text(record.get("error")) or None,
         "convert_seconds": _number(record.get("convert_seconds")),
+        "toolkit": _text(built.get("toolkit")) or None,
+        "runtime": _text(runtime.get("declared")) or None,
         "cache_hit": hit if isinstance(hit, bool) else None,
         "shard": _text(record.get("shard")) or None,
         "rknn_file": _text(rknn.get("file")) or None,
@@ -217,7 +221,7 @@ def _totals_line(totals: dict) -> str:
 
 MISPREDICTED = "Predicted \u2260 actual"
 COLUMNS = (
-    "Model", "Target", "Status", "Convert", "Cache", ".rknn size", "NPU", "CPU",
+    "Model", "Target", "Toolkit / runtime", "Status", "Convert", "Cache", ".rknn size", "NPU", "CPU",
     "CPU layers by op", "Overrides", "Rewrites", MISPREDICTED,
     "Min cosine", "Accuracy", "Est. cycles",
 )
@@ -227,7 +231,7 @@ def _cells(row: dict) -> list[str]:
     """Plain-text cells of one table row, in COLUMNS order."""
     accuracy = row["accuracy"]
     return [
-        row["model"], row["target"], row["status"], _seconds(row["convert_seconds"]),
+        row["model"], row["target"], _versions(row), row["status"], _seconds(row["convert_seconds"]),
         _cache(row["cache_hit"], row["shard"]), human_size(row["rknn_size"]), _count(row["npu"]), _count(row["cpu"]),
         _tally(row["cpu_by_op"]) or DASH, _overrides(row["overrides"]), str(row["rewrites"]),
         str(len(row["disagreements"])), _cosine(accuracy["min_cosine"]), _verdict(accuracy["passed"]),
@@ -235,9 +239,16 @@ def _cells(row: dict) -> list[str]:
     ]
 
 
+def _versions(row: dict) -> str:
+    """The toolkit that built the file (read from it) and the boards' declared runtime."""
+    if not row["toolkit"]:
+        return DASH
+    return f"{row['toolkit']} / {row['runtime']}" if row["runtime"] else row["toolkit"]
+
+
 def _total_cells(totals: dict) -> list[str]:
     return [
-        "Total", f"{totals['conversions']} conversions", "", _seconds(totals["convert_seconds"]),
+        "Total", f"{totals['conversions']} conversions", "", "", _seconds(totals["convert_seconds"]),
         f"{totals['cache_hits']} hits", human_size(totals["rknn_size"]), _count(totals["npu"]),
         _count(totals["cpu"]), _tally(totals["cpu_by_op"]) or DASH, str(totals["overrides"]),
         str(totals["rewrites"]), str(totals["disagreements"]), "",

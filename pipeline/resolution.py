@@ -202,6 +202,50 @@ def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict 
     }
 
 
+def selector_problems(model: dict, nodes: list[dict]) -> list[tuple[int, tuple, str]]:
+    """Everything :func:`resolve` would refuse on any of the model's targets, from the graph alone.
+
+    The manifest loader calls this with the memoised node facts, so a selector typo in
+    the tenth model fails the build before the first conversion starts. Returns
+    ``(override index, path inside that override, message)`` triples, each once.
+    """
+    overrides = model.get("overrides") or []
+    selected: dict[int, list[dict]] = {}
+    problems: list[tuple[int, tuple, str]] = []
+    for index, override in enumerate(overrides):
+        found, _ = select_nodes(nodes, override["match"])
+        if found:
+            selected[index] = found
+        else:
+            problems.append((index, ("match",), f"override matches no node of '{model['name']}' "
+                             f"({_describe(override['match'])}); {nearest_candidates(nodes, override['match'])}"))
+    rules = None
+    if any(overrides[index]["action"] == "cpu" for index in selected):
+        from pipeline.placement_rules import Rules
+
+        rules = Rules.load()
+    for target in model.get("targets") or ():
+        chosen: dict[int, tuple[str, int]] = {}
+        for index, found in selected.items():
+            override = overrides[index]
+            if not override_applies(override, target):
+                continue
+            action = override["action"]
+            for node in found:
+                earlier = chosen.get(node["index"])
+                try:
+                    if earlier and earlier[0] != action:
+                        raise ResolutionError(f"node '{node['name']}' is also selected by overrides[{earlier[1]}] "
+                                              f"with action {earlier[0]}; make the selectors disjoint")
+                    _check_action(action, node, target, rules, "")  # rules: loaded when an action is cpu
+                except ResolutionError as error:
+                    problem = (index, ("action",), str(error).removeprefix(": "))
+                    if problem not in problems:
+                        problems.append(problem)
+                chosen[node["index"]] = (action, index)
+    return problems
+
+
 def _describe(match: dict) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in match.items())
 

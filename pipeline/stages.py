@@ -15,17 +15,23 @@ from pipeline import files
 
 SIDECAR_FORMAT = 1
 CACHED_FILES = ("model.rknn", "convert.json", "placement.json", "convert.log")
+OPTIONAL_CACHED_FILES = ("accuracy.json",)  # the per-layer analysis, when verify.layers asked for one
 
 
 class StageFailed(RuntimeError):
     """A stage refused or failed; the message names model, target and cause."""
 
 
-def versions() -> dict:
-    """Versions that can change a conversion's result (recorded in every sidecar), and this package's."""
-    from pipeline.identity import versions as conversion_versions
+def versions(model: dict | None = None, target: str | None = None) -> dict:
+    """Versions that ran a conversion (recorded in every sidecar), and this package's: the project's
+    environment, or the environment of the toolkit version the model asked for."""
+    from pipeline import toolkit_envs
+    from pipeline.identity import versions as project_versions
+    from pipeline.runtime_gate import toolkit_for
 
-    found = conversion_versions()
+    version = toolkit_for(model, target, None) if model else None
+    found = (toolkit_envs.uses_own_environment(version) and toolkit_envs.environment_versions(version)) or \
+        project_versions()
     try:
         found["rknn-pipeline"] = metadata.version("rknn-pipeline")
     except metadata.PackageNotFoundError:
@@ -134,6 +140,7 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     store = open_cache(manifest)
     started = time.monotonic()
     if store is not None:
+        layout.accuracy(name, target).unlink(missing_ok=True)  # only a restored entry's own analysis may stay
         restored = store.get(key, workdir)
         if restored is not None and set(CACHED_FILES) <= set(restored):
             # The entry may come from another model with the same settings, in another checkout.
@@ -173,7 +180,8 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     _record_remaps(layout, name, target, resolved, record)
     if store is not None:
         try:
-            store.put(key, {f: workdir / f for f in CACHED_FILES},
+            optional = [f for f in OPTIONAL_CACHED_FILES if (workdir / f).exists()]
+            store.put(key, {f: workdir / f for f in (*CACHED_FILES, *optional)},
                       meta={"model": name, "target": target, "seconds": record.get("seconds")})
         except OSError as exc:  # a full or read-only cache must not fail a good build
             print(f"  warning: could not store {name}@{target} in the cache: {exc}")
@@ -312,6 +320,9 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     analysis = files.read_json(layout.analysis(name, target))
     layers = files.read_json(layout.placement(name, target), [])
     warnings, errors = placement_check(model, target, record, resolved, Rules.load())
+    built, runtime, problems = built_with(model, target, layout.rknn(name, target))
+    errors += problems
+    warnings += runtime.get("warnings", [])
     failure = layout.workdir(name, target) / "export-error.json"
     if errors:
         # What dist/ holds from an earlier build no longer matches the manifest: withdraw it.
@@ -329,7 +340,9 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "status": "ok",
         "rknn": {"file": f"{name}.rknn", "sha256": file_sha256(rknn), "size": rknn.stat().st_size},
         "inputs": input_hashes(manifest, model, resolved),
-        "versions": versions(),
+        "versions": versions(model, target),
+        "built_with": built,
+        "runtime": runtime or None,
         "arguments": portable(record["arguments"], layout.root),
         "op_target": record.get("op_target"),
         "remaps": record.get("remaps") or [],
@@ -338,6 +351,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "placement": record.get("placement"),
         "predicted_vs_actual": predicted_vs_actual(analysis, layers, resolved),
         "verify": record.get("verify"),
+        "accuracy": record.get("accuracy"),
         "shapes": _shapes(model),
         "convert_seconds": record.get("seconds"),
         "cache": record.get("cache"),
@@ -369,6 +383,40 @@ def _shapes(model: dict) -> dict | None:
     return None
 
 
+def built_with(model: dict, target: str, rknn: Path) -> tuple[dict, dict, list[str]]:
+    """What the built file says built it, the runtime gate's record, and any mismatch with what was asked.
+
+    Read from the file itself (:mod:`pipeline.rknn_file`), so the sidecar and lock record the toolkit
+    that actually built it, even one restored from a cache filled elsewhere.
+    """
+    from pipeline import rknn_file, runtime_gate
+    from pipeline.toolkit import installed_version
+
+    asked = runtime_gate.toolkit_for(model, target, installed_version())
+    try:
+        info = rknn_file.read(rknn)
+    except (OSError, rknn_file.RknnFileError) as exc:
+        return {}, {}, [f"{model['name']}@{target}: the built model cannot be read back: {exc}"]
+    toolkit = info.toolkit or info.trailer_toolkit
+    built = {"toolkit": toolkit, "file_format": info.file_format, "compiler": info.compiler,
+             "target": info.target or (info.trailer_targets[0] if info.trailer_targets else None)}
+    problems = [f"{model['name']}@{target}: {problem}" for problem in info.disagreements()]
+    if built["target"] != target:
+        problems.append(f"{model['name']}@{target}: the built file is for {built['target']}, not {target}; "
+                        f"remove build/{model['name']}/{target} and build again")
+    if asked and toolkit != asked:
+        problems.append(f"{model['name']}@{target}: the built file was made by rknn-toolkit2 {toolkit}, but "
+                        f"{asked} was asked for; remove build/{model['name']}/{target} and build again")
+    runtime: dict = {}
+    declared = runtime_gate.runtime_for(model, target)
+    if declared and toolkit:
+        verdict = runtime_gate.check(target, toolkit, declared, bool(model.get("allow_newer_toolkit")))
+        runtime = {"declared": declared, "allow_newer_toolkit": bool(model.get("allow_newer_toolkit")),
+                   "warnings": list(verdict.warnings)}
+        problems += [f"{model['name']}@{target}: {error}" for error in verdict.errors]
+    return built, runtime, problems
+
+
 def _size(size: int) -> str:
     for unit in ("B", "KB", "MB"):
         if size < 1000:
@@ -386,7 +434,8 @@ def _withdraw(layout, name: str, target: str) -> None:
             pass
 
 
-LOCK_FIELDS = ("inputs", "versions", "arguments", "op_target", "remaps", "rewrites", "placement")
+LOCK_FIELDS = ("inputs", "versions", "built_with", "runtime", "arguments", "op_target", "remaps", "rewrites",
+               "placement")
 
 
 def lock_entry(sidecar: dict) -> dict:

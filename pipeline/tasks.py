@@ -30,8 +30,9 @@ from pipeline import __version__, files
 from pipeline.layout import Layout
 
 DOIT_CONFIG = {
-    # dbm cannot be shared between processes; sqlite3 can (doit -n N, concurrent readers).
-    "backend": "sqlite3",
+    # dbm cannot be shared between processes; sqlite3 can (doit -n N, concurrent readers). This one
+    # creates .doit.db on first use, so a refused manifest leaves nothing (pipeline/doit_backend.py).
+    "backend": "rknn-sqlite3",
     "dep_file": ".doit.db",
     "default_tasks": ["analyze", "resolve", "convert", "export", "lock", "report"],
     "verbosity": 2,
@@ -168,12 +169,14 @@ def convert_key(model: dict, target: str, base: Path) -> dict:
     args = recorded_arguments(model, target, base)
     quant = model.get("quantization") or {}
     return {"format": PIPELINE_FORMAT, "versions": versions(), "code": code_digest(), "arguments": args,
+            "toolkit": model.get("toolkit"),
             "hybrid": quant.get("hybrid"), "verify": model.get("verify")}
 
 
 def export_key(model: dict, target: str) -> dict:
     return {"format": PIPELINE_FORMAT, "cpu_fallback": model.get("cpu_fallback", "warn"),
-            "verify": model.get("verify")}
+            "verify": model.get("verify"), "runtime": model.get("runtime"),
+            "allow_newer_toolkit": model.get("allow_newer_toolkit")}
 
 
 # -- actions (module level: picklable for doit -n N) --------------------------

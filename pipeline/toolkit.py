@@ -94,6 +94,28 @@ class Session:
     def optimized_node_outputs(self) -> dict[str, list[str]]:
         return optimized_node_outputs(self.rknn)
 
+    def tensor_producers(self) -> dict[str, dict]:
+        return tensor_producers(self.rknn)
+
+    def accuracy_analysis(self, inputs: list[str], output_dir: str) -> str:
+        """Run the toolkit's per-layer analysis on the simulator; return its table (``error_analysis.txt``).
+
+        Needs a quantized build in this session. The toolkit raises with a whole
+        traceback embedded in the message; the last line is the one that explains.
+        """
+        from pathlib import Path
+
+        try:
+            ret = self.rknn.accuracy_analysis(inputs=list(inputs), output_dir=output_dir, target=None)
+        except Exception as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise ToolkitError("accuracy_analysis", lines[-1] if lines else type(exc).__name__) from exc
+        self._check("accuracy_analysis", ret)
+        table = Path(output_dir) / "error_analysis.txt"
+        if not table.exists():
+            raise ToolkitError("accuracy_analysis", f"the toolkit wrote no {table.name}")
+        return table.read_text(errors="replace")
+
     def release(self) -> None:
         self.rknn.release()
 
@@ -104,6 +126,21 @@ class ToolkitError(RuntimeError):
     def __init__(self, step: str, message: str):
         super().__init__(message)
         self.step = step
+
+
+def tensor_producers(rknn) -> dict[str, dict]:
+    """Tensor -> ``{"node", "op_type", "inputs"}`` of the node producing it in the optimised graph.
+
+    PRIVATE API (as :func:`optimized_node_outputs`): the per-layer analysis names
+    layers by these tensors; this is how they are traced back to ONNX nodes.
+    Empty when the graph is not exposed (the analysis then names tensors only).
+    """
+    try:
+        nodes = rknn.rknn_base.ir.model.graph.node
+    except AttributeError:
+        return {}
+    return {output: {"node": node.name, "op_type": node.op_type, "inputs": list(node.input)}
+            for node in nodes if node.name for output in node.output}
 
 
 def optimized_node_outputs(rknn) -> dict[str, list[str]]:

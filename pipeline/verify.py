@@ -162,6 +162,32 @@ def verify_all_shapes(session, job: dict) -> dict:
             "outputs": list(worst.values()), "shapes": per_shape, "note": SIMULATOR_NOTE}
 
 
+def analysis_inputs(job: dict, directory: Path) -> list[str]:
+    """One sample for the toolkit's per-layer analysis: the first the accuracy check used.
+
+    A dataset row is given as is (the toolkit calibrated with those files); a
+    seeded random sample is drawn as :func:`verify_model` draws its first one
+    and saved as ``.npy`` (NCHW for 4-D inputs, which is what the toolkit
+    reads). A dynamic-shape model is analysed at the shapes of its first row.
+    """
+    import onnx
+
+    lines = [_row(line) for line in job.get("samples") or []]
+    if lines:
+        return [str(path) for path in lines[0]]
+    settings = job.get("verify") or {}
+    load = job.get("load_onnx") or {}
+    specs = input_specs(onnx.load(job["verify_source"]), load, job.get("config") or {})
+    sample = sample_inputs_random(specs, 1, np.random.default_rng(int(settings.get("seed", DEFAULT_SEED))))[0]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, prepared in enumerate(sample):
+        path = directory / f"input{index}.npy"
+        np.save(path, prepared.simulator)
+        paths.append(str(path))
+    return paths
+
+
 def _run_both(session, runtime, specs: list[InputSpec], outputs: list[str],
               samples: list[list[Prepared]]) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
     """Per output, onnxruntime's and the simulator's arrays for every sample."""

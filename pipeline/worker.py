@@ -123,6 +123,44 @@ def _remap_op_target(session, op_target: dict, tensor_nodes: dict) -> tuple[dict
     return remapped, remaps
 
 
+def _analyse(session, job: dict, workdir: Path, producers: dict, why: str) -> dict:
+    """The toolkit's per-layer analysis of the built model, as the ``accuracy.json`` document.
+
+    Runs in this worker on the simulator with the accuracy check's first sample.
+    If the toolkit cannot run it, the document holds its message under
+    ``error``: the caller still fails on the accuracy check, never on this.
+    The toolkit's snapshot (every tensor dumped as text) is removed once read.
+    """
+    import shutil
+
+    from pipeline import accuracy
+    from pipeline.verify import analysis_inputs
+
+    snapshot = workdir / "analysis"
+    shutil.rmtree(snapshot, ignore_errors=True)
+    try:
+        inputs = analysis_inputs(job, snapshot / "inputs")
+        _log(f"per-layer accuracy analysis ({why}) on {', '.join(Path(p).name for p in inputs)}")
+        text = session.accuracy_analysis(inputs, str(snapshot / "snapshot"))
+    except Exception as exc:  # the toolkit's own error, quoted; the verify verdict stands
+        _log(f"per-layer accuracy analysis failed: {exc}")
+        return {"format": accuracy.ACCURACY_FORMAT, "why": why, "error": f"{exc}"}
+    finally:
+        shutil.rmtree(snapshot / "snapshot", ignore_errors=True)
+    return accuracy.record(accuracy.name_layers(accuracy.parse_error_analysis(text), producers), inputs, why)
+
+
+def _analysis_reason(job: dict, verify: dict | None) -> str | None:
+    """Why the per-layer analysis runs for this build, or None: only quantized models have one."""
+    if not job["build"].get("do_quantization") or verify is None:
+        return None
+    if not verify.get("passed"):
+        return "the accuracy check failed"
+    if (job.get("verify") or {}).get("layers"):
+        return "verify.layers is set"
+    return None
+
+
 def run(job: dict) -> dict:
     workdir = Path(job["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
@@ -149,11 +187,15 @@ def run(job: dict) -> dict:
             result["op_target"] = op_target
             session = _build_once(Session(verbose=True), job, op_target, workdir)
         result["build_seconds"] = round(time.monotonic() - started, 3)
+        producers = session.tensor_producers() if job["build"].get("do_quantization") else {}
         session.export(job["rknn_path"])
         if job.get("verify"):
             from pipeline.verify import verify_all_shapes
 
             result["verify"] = verify_all_shapes(session, job)
+            why = _analysis_reason(job, result["verify"])
+            if why:
+                result["accuracy"] = _analyse(session, job, workdir, producers, why)
         session.release()
         result["ok"] = True
     except Exception as exc:  # reported to the parent, which fails the task with it

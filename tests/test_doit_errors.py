@@ -5,10 +5,66 @@ from __future__ import annotations
 from conftest import Project
 
 
-def _assert_refused(project: Project, proc) -> None:
+def _tree(project: Project) -> set[str]:
+    return {str(path.relative_to(project.root)) for path in project.root.rglob("*")}
+
+
+def _assert_refused(project: Project, proc, before: set[str] | None = None) -> None:
     assert proc.returncode == 1
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (project.root / "build").exists() and not (project.root / "dist").exists()
+    assert not (project.root / ".doit.db").exists()  # doit opens its database before loading tasks
+    if before is not None:
+        assert _tree(project) == before  # nothing at all, not even .doit.lock
+
+
+def test_a_selector_typo_in_the_third_model_fails_at_load_before_any_conversion(project):
+    # Two good models come first, so doit would convert them before resolving the third
+    # if the selector were only checked by resolve:.
+    models = "".join(f"""  - name: m{index}
+    source: examples/models/tiny_pool_identity.onnx
+    targets: [rk3588]
+    inputs: {{x: [1, 3, 32, 32]}}
+""" for index in (1, 2))
+    project.write_manifest("version: 1\nmodels:\n" + models + """  - name: m3
+    source: examples/models/tiny_pool_identity.onnx
+    targets: [rk3588, rk3566]
+    inputs: {x: [1, 3, 32, 32]}
+    overrides:
+      - match: {op_type: AveragePool}
+        action: npu
+      - match: {op_type: AveragePol}
+        action: npu
+      - match: {node: no_such_node*}
+        action: cpu
+""")
+    before = _tree(project)
+    for args in ((), ("-n", "2", "-P", "process"), ("convert",)):
+        proc = project.doit(*args, check=False, timeout=300)
+        _assert_refused(project, proc, before)
+        assert not list(project.root.rglob("convert.log"))
+        # both selector problems at once, each where it is written, and each once
+        assert proc.stderr.splitlines() == [
+            "models.yaml:18:26: unknown op_type 'AveragePol'; did you mean 'AveragePool'?",
+            "models.yaml:20:16: override matches no node of 'm3' (node='no_such_node*'); nearest nodes: conv0, "
+            "relu0, pool0, identity0"], proc.stderr
+
+
+def test_an_override_whose_action_cannot_work_is_refused_at_load(project):
+    project.write_manifest("""version: 1
+models:
+  - name: t
+    source: examples/models/tiny_pool_identity.onnx
+    targets: [rk3588]
+    inputs: {x: [1, 3, 32, 32]}
+    overrides:
+      - match: {op_type: Identity}
+        action: rewrite
+""")
+    before = _tree(project)
+    proc = project.doit(check=False, timeout=300)
+    _assert_refused(project, proc, before)
+    assert "models.yaml:9:17: action rewrite is defined for AveragePool only" in proc.stderr, proc.stderr
 
 
 def test_every_manifest_problem_is_reported_with_its_location(project):
