@@ -352,7 +352,7 @@ def prepare_peers(scratch: Scratch, built: Path, manifest: dict) -> Peers:
             source = model["source"]
             if record.get("converted_onnx") and Path(record["converted_onnx"]).name == "rewritten.onnx":
                 source = str(peers.directory / "inputs" / f"{name}@{target}.onnx")
-                shutil.copy(record["converted_onnx"], source)
+                shutil.copy(built / record["converted_onnx"], source)  # recorded relative to the checkout
             args = toolkit_arguments(model, target, source)
             if record.get("op_target"):
                 args["config"]["op_target"] = record["op_target"]

@@ -119,6 +119,9 @@ class ObjectStore:
 
     def _explain(self, exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}".strip()
+        answer = _server_answer(exc)
+        if answer:
+            text = f"{text} [{answer}]"
         if "bucket does not exist" in text or "NoSuchBucket" in text:
             bucket = self.url.partition("://")[2].split("/")[0]
             return (f"the bucket {bucket!r} does not exist ({self.url}); create it, or point "
@@ -149,7 +152,7 @@ class ObjectStore:
             return remembered
         fs = self._open()
         try:
-            data = fs.cat_file(self._entry(key))
+            data = fs.cat_file(self._entry(key), max_concurrency=1)  # one GET: no HEAD for its size first
         except FileNotFoundError as exc:
             if "bucket does not exist" in str(exc):
                 raise
@@ -220,7 +223,9 @@ class ObjectStore:
         """Fetch one blob into ``temp``, checking its size and sha256 on the way."""
         digest = hashlib.sha256()
         size = 0
-        with self._open().open(self._blob(record["sha256"]), "rb") as source, open(temp, "xb") as out:
+        # The recorded size saves a HEAD per file; a blob of another size fails the check below.
+        with self._open().open(self._blob(record["sha256"]), "rb", size=record["size"]) as source, \
+                open(temp, "xb") as out:
             while chunk := source.read(_CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
@@ -269,3 +274,16 @@ def _each(action: Callable[[str], None], names: list[str]) -> None:
     with ThreadPoolExecutor(max_workers=min(len(names), 8)) as pool:
         for _ in pool.map(action, names):
             pass
+
+
+def _server_answer(exc: BaseException) -> str | None:
+    """"HTTP 500 InternalError" from the client error behind ``exc`` (s3fs rewords it as an OSError)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            code = (response.get("Error") or {}).get("Code")
+            return " ".join(str(part) for part in (status and f"HTTP {status}", code) if part) or None
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
