@@ -13,7 +13,6 @@ defaults merged in and paths made absolute, ready to hash and to pass on.
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import functools
 import json
@@ -28,6 +27,10 @@ from typing import NamedTuple
 from . import inputs as input_facts
 from . import platforms
 from . import shapes as shape_sets
+from .errors import PipelineError
+from .names import nearest
+from .onnx_util import dims as value_dims
+from .schema import load as _schema
 from .yaml_source import YamlDocument, YamlError, load_yaml
 
 SAMPLE_TYPES = input_facts.SAMPLE_TYPES
@@ -68,7 +71,7 @@ class Problem(NamedTuple):
         return f"{self.path}:{self.line}:{self.col}: {self.message}"
 
 
-class ManifestError(Exception):
+class ManifestError(PipelineError):
     """A manifest that cannot be used; ``problems`` says why, sorted by line."""
 
     def __init__(self, problems: list[Problem]):
@@ -198,17 +201,6 @@ class _Report:
 
 
 # -- schema --------------------------------------------------------------------
-
-
-def _schema_file() -> Path:
-    here = Path(__file__).resolve().parent
-    installed = here / "_schema" / "models.schema.json"
-    return installed if installed.exists() else here.parent / "schema" / "models.schema.json"
-
-
-@functools.lru_cache(maxsize=1)
-def _schema() -> dict:
-    return json.loads(_schema_file().read_text(encoding="utf-8"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -421,7 +413,7 @@ def _unknown_key(key: str, schema: dict, path: tuple) -> str:
         return f"unknown key {key!r}{close}"
     for parent, sub in schema.get("properties", {}).items():
         nested = list(_resolve(sub).get("properties", {}))
-        guess = difflib.get_close_matches(key, nested, n=1, cutoff=0.75)
+        guess = nearest(key, nested, cutoff=0.75)
         if guess and guess[0] == key:
             return f"unknown key {key!r} here: it belongs under {parent}:"
         if guess:
@@ -458,7 +450,7 @@ def _did_you_mean(value, choices) -> str:
     if not isinstance(value, str):
         return ""
     by_lower = {str(choice).lower(): choice for choice in choices}
-    close = difflib.get_close_matches(value.lower(), list(by_lower), n=1, cutoff=0.6)
+    close = nearest(value.lower(), by_lower)
     return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
@@ -1104,12 +1096,13 @@ def _parse_graph(path: str, size: int) -> _Graph | str:
 
 def _selector_nodes(model) -> tuple:
     """Each node as override selectors see it, with the attributes analysis.json gives it."""
-    from .analysis import _opset, constant_inputs, node_attributes, small_constants
+    from .analysis import constant_inputs, node_attributes, small_constants
+    from .onnx_util import opset as opset_of
 
     constants = small_constants(model)
     records = []
     for index, node in enumerate(model.graph.node):
-        opset = _opset(model, node.domain)
+        opset = opset_of(model, node.domain)
         attrs = node_attributes(node, opset)
         attrs.update(constant_inputs(node, opset, constants, attrs))
         records.append({"index": index, "name": node.name, "op_type": node.op_type, "attrs": attrs,
@@ -1137,12 +1130,10 @@ def _graph_names(graph) -> _Graph:
     inputs, types = {}, {}
     for value in graph.input:
         if value.name not in weights:
-            tensor_type = value.type.tensor_type
-            has_shape = tensor_type.HasField("shape")
-            inputs[value.name] = len(tensor_type.shape.dim) if has_shape else None
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                    for d in tensor_type.shape.dim] if has_shape else None
-            types[value.name] = [tensor_type.elem_type, dims]
+            shape = value_dims(value)
+            inputs[value.name] = None if shape is None else len(shape)
+            types[value.name] = [value.type.tensor_type.elem_type,
+                                 None if shape is None else [d if d and d > 0 else None for d in shape]]
     tensors = {value.name for value in graph.input} | {value.name for value in graph.output}
     for node in graph.node:
         tensors.update(node.output)

@@ -12,16 +12,17 @@ optimised graph exists (see :func:`pipeline.worker._remap_op_target`).
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections import defaultdict
 from pathlib import Path
+from pipeline.actions import ACTIONS
+from pipeline.errors import PipelineError
+from pipeline.names import nearest
 
 RESOLUTION_FORMAT = 1
-ACTIONS = ("npu", "cpu", "rewrite")
 
 
-class ResolutionError(ValueError):
+class ResolutionError(PipelineError, ValueError):
     """An override cannot be applied as written; the message says where and what to change."""
 
 
@@ -75,7 +76,7 @@ def nearest_candidates(nodes: list[dict], match: dict, limit: int = 5) -> str:
     hints = []
     if "op_type" in match:
         present = sorted({n["op_type"] for n in nodes})
-        close = difflib.get_close_matches(match["op_type"], present, n=3)
+        close = nearest(match["op_type"], present, 3)
         hints.append(f"op types here: {', '.join(close or present[:12])}")
         same_op = [n for n in nodes if n["op_type"] == match["op_type"]]
         for key in match.get("attrs") or {}:
@@ -84,41 +85,18 @@ def nearest_candidates(nodes: list[dict], match: dict, limit: int = 5) -> str:
                 hints.append(f"{match['op_type']}.{key} values here: {', '.join(values)}")
     if "node" in match:
         names = [n["name"] for n in nodes if n["name"]]
-        hints.append("nearest nodes: " + ", ".join(difflib.get_close_matches(match["node"], names, n=limit, cutoff=0.3)
-                                                   or names[:limit]))
+        hints.append("nearest nodes: " + ", ".join(nearest(match["node"], names, limit, 0.3, fallback=True)))
     if "tensor" in match:
         outs = [o for n in nodes for o in n["outputs"]]
-        hints.append("nearest tensors: " + ", ".join(difflib.get_close_matches(match["tensor"], outs, n=limit, cutoff=0.3)
-                                                     or outs[:limit]))
+        hints.append("nearest tensors: " + ", ".join(nearest(match["tensor"], outs, limit, 0.3, fallback=True)))
     return "; ".join(hints) or "the selector is empty"
 
 
 def _check_action(action: str, node: dict, target: str, rules, where: str) -> None:
-    """Refuse what cannot work on ``target``: CPU placement its CPU runtime cannot run, rewrite of non-pools."""
-    if action == "cpu" and not rules.cpu_can_run(node["op_type"], target):
-        raise ResolutionError(
-            f"{where}: action cpu on {target}: the {target} CPU runtime cannot run {node['op_type']} "
-            f"(node '{node['name']}'); the model would fail on the board. Use action: npu or rewrite, "
-            f"or restrict the override with targets:")
-    if action == "rewrite" and node["op_type"] != "AveragePool":
-        raise ResolutionError(f"{where}: action rewrite is defined for AveragePool only; node "
-                              f"'{node['name']}' is {node['op_type']}")
-
-
-def _forced_npu_warning(index: int, nodes: list[dict], target: str) -> str | None:
-    """One warning per override for nodes forced onto an NPU whose constraints they break.
-
-    Allowed (it is the documented workaround) but the NPU may compute them
-    differently, e.g. AveragePool borders with count_include_pad=1 semantics.
-    """
-    breaking = [n for n in nodes if n["predicted"]["placement"] in ("cpu", "unsupported")]
-    if not breaking:
-        return None
-    reasons = sorted({n["predicted"]["reason"] for n in breaking})
-    hint = " Consider action: rewrite, which is exact." if all(n["op_type"] == "AveragePool" for n in breaking) else ""
-    return (f"overrides[{index}]: {len(breaking)} node(s) forced onto the {target} NPU break its constraints "
-            f"({'; '.join(reasons)}): {', '.join(n['name'] for n in breaking)}. On the NPU they may compute "
-            f"different values.{hint}")
+    """Refuse what the action cannot do to ``node`` on ``target`` (see :mod:`pipeline.actions`)."""
+    problem = ACTIONS[action].problem(node, target, rules)
+    if problem:
+        raise ResolutionError(f"{where}: {problem}")
 
 
 def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict | None = None,
@@ -131,8 +109,8 @@ def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict 
         analysis: the document from :func:`pipeline.analysis.analyze` for this model x target.
         rules: the placement rules, for the cpu/npu checks.
         locations: override index -> ``"PATH:LINE:COL"``, used in error messages only.
-        workdir: where a rewritten ONNX is written (``rewritten.onnx``); required when an
-            override uses ``action: rewrite``.
+        workdir: the pair's :class:`pipeline.layout.PairLayout` (or its directory): where a
+            rewritten ONNX is written; required when an override uses ``action: rewrite``.
     Returns:
         The ``resolved.json`` document.
     Raises:
@@ -162,21 +140,22 @@ def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict 
                                       f"with action {earlier[0]}; make the selectors disjoint")
             _check_action(action, node, target, rules, where)
             chosen[node["index"]] = (action, index)
-        if action == "npu":
-            warnings += filter(None, [_forced_npu_warning(index, selected, target)])
+        warnings += filter(None, [ACTIONS[action].warning(index, selected, target)])
         applied.append({"override": index, "action": action, "targets": override.get("targets"),
                         "nodes": [node["name"] for node in selected]})
 
     op_target: dict[str, str] = {}
     explanations: dict[str, dict] = {}
-    rewrite_nodes: list[str] = []
+    rewrite_nodes: dict[str, list[str]] = defaultdict(list)  # action -> node names, in graph order
     for node_index, (action, override_index) in sorted(chosen.items()):
         node = nodes[node_index]
-        if action == "rewrite":
-            rewrite_nodes.append(node["name"])
+        spec = ACTIONS[action]
+        if spec.rewrites:
+            rewrite_nodes[action].append(node["name"])
+        if spec.op_target is None:
             continue
         key = node["outputs"][0]
-        op_target[key] = action
+        op_target[key] = spec.op_target
         explanations[key] = {
             "override": override_index, "action": action, "node": node["name"], "op_type": node["op_type"],
             "output_index": 0, "predicted": node["predicted"],
@@ -187,7 +166,7 @@ def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict 
     if rewrite_nodes:
         if workdir is None:
             raise ResolutionError("internal: rewrite needs a working directory")
-        converted, rewrites = _rewrite(model, rewrite_nodes, Path(workdir))
+        converted, rewrites = _rewrite(model, rewrite_nodes, workdir)
     return {
         "format": RESOLUTION_FORMAT,
         "model": model["name"],
@@ -220,7 +199,7 @@ def selector_problems(model: dict, nodes: list[dict]) -> list[tuple[int, tuple, 
             problems.append((index, ("match",), f"override matches no node of '{model['name']}' "
                              f"({_describe(override['match'])}); {nearest_candidates(nodes, override['match'])}"))
     rules = None
-    if any(overrides[index]["action"] == "cpu" for index in selected):
+    if any(ACTIONS[overrides[index]["action"]].needs_rules for index in selected):
         from pipeline.placement_rules import Rules
 
         rules = Rules.load()
@@ -237,7 +216,7 @@ def selector_problems(model: dict, nodes: list[dict]) -> list[tuple[int, tuple, 
                     if earlier and earlier[0] != action:
                         raise ResolutionError(f"node '{node['name']}' is also selected by overrides[{earlier[1]}] "
                                               f"with action {earlier[0]}; make the selectors disjoint")
-                    _check_action(action, node, target, rules, "")  # rules: loaded when an action is cpu
+                    _check_action(action, node, target, rules, "")  # rules: loaded when an action needs them
                 except ResolutionError as error:
                     problem = (index, ("action",), str(error).removeprefix(": "))
                     if problem not in problems:
@@ -250,22 +229,25 @@ def _describe(match: dict) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in match.items())
 
 
-def _rewrite(model: dict, node_names: list[str], workdir: Path) -> tuple[str, list[dict]]:
-    """Write ``rewritten.onnx`` with every named AveragePool replaced by its exact NPU form."""
+def _rewrite(model: dict, node_names: dict[str, list[str]], workdir) -> tuple[str, list[dict]]:
+    """Write ``rewritten.onnx``: each rewriting action (:mod:`pipeline.actions`) applied to its nodes."""
     import onnx
 
     from pipeline import files
     from pipeline.analysis import fix_input_shapes
-    from pipeline.rewrite import RewriteError, rewrite_average_pools
+    from pipeline.layout import PairLayout
 
-    source = onnx.load(model["source"])
-    fix_input_shapes(source, model.get("inputs"))
-    try:
-        rewritten, records = rewrite_average_pools(source, node_names)
-    except RewriteError as exc:
-        raise ResolutionError(f"{model['name']}: rewrite failed: {exc}") from exc
-    path = workdir / "rewritten.onnx"
-    files.atomic_write_bytes(path, rewritten.SerializeToString())
+    graph = onnx.load(model["source"])
+    fix_input_shapes(graph, model.get("inputs"))
+    records: list[dict] = []
+    for action, names in node_names.items():
+        try:
+            graph, done = ACTIONS[action].rewrite(graph, names)
+        except PipelineError as exc:
+            raise ResolutionError(f"{model['name']}: {action} failed: {exc}") from exc
+        records += done
+    path = PairLayout.of(workdir).rewritten_onnx
+    files.atomic_write_bytes(path, graph.SerializeToString())
     return str(path), records
 
 

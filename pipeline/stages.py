@@ -12,13 +12,12 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline import files
+from pipeline.errors import PipelineError
+from pipeline.formats import SIDECAR_FORMAT
+from pipeline.layout import CACHED_FILES, OPTIONAL_CACHED_FILES
 
-SIDECAR_FORMAT = 1
-CACHED_FILES = ("model.rknn", "convert.json", "placement.json", "convert.log")
-OPTIONAL_CACHED_FILES = ("accuracy.json",)  # the per-layer analysis, when verify.layers asked for one
 
-
-class StageFailed(RuntimeError):
+class StageFailed(PipelineError, RuntimeError):
     """A stage refused or failed; the message names model, target and cause."""
 
 
@@ -113,7 +112,7 @@ def prestart_conversion(manifest, layout, model: dict, target: str, resolved: di
         return
     if fanin_mode():
         return  # the fan-in restores or fails; it never starts the toolkit
-    conversion.prestart_worker(conversion.make_job(model, target, resolved, layout.workdir(model["name"], target)))
+    conversion.prestart_worker(conversion.make_job(model, target, resolved, layout.pair(model["name"], target)))
 
 
 def open_cache(manifest):
@@ -134,14 +133,14 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     from pipeline import conversion
 
     name = model["name"]
-    workdir = layout.workdir(name, target)
-    resolved = files.read_json(layout.resolved(name, target))
+    pair = layout.pair(name, target)
+    resolved = files.read_json(pair.resolved)
     key = conversion_key(manifest, layout, model, target, resolved)
     store = open_cache(manifest)
     started = time.monotonic()
     if store is not None:
         layout.accuracy(name, target).unlink(missing_ok=True)  # only a restored entry's own analysis may stay
-        restored = store.get(key, workdir)
+        restored = store.get(key, pair.dir)
         if restored is not None and set(CACHED_FILES) <= set(restored):
             # The entry may come from another model with the same settings, in another checkout.
             record = portable_record(files.read_json(layout.convert_record(name, target)), model, target,
@@ -169,7 +168,7 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
             calibration["verify_rows"] = rows_per_shape(model["quantization"], model["shape_sets"],
                                                         layout.verify_samples_dir(name, target))
     try:
-        record = conversion.convert(model, target, resolved, workdir, calibration)
+        record = conversion.convert(model, target, resolved, pair, calibration)
     except conversion.ConversionFailed as exc:
         raise StageFailed(str(exc)) from exc
     record = portable_record(record, model, target, resolved, layout)
@@ -180,8 +179,8 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     _record_remaps(layout, name, target, resolved, record)
     if store is not None:
         try:
-            optional = [f for f in OPTIONAL_CACHED_FILES if (workdir / f).exists()]
-            store.put(key, {f: workdir / f for f in (*CACHED_FILES, *optional)},
+            optional = [f for f in OPTIONAL_CACHED_FILES if (pair.dir / f).exists()]
+            store.put(key, {f: pair.dir / f for f in (*CACHED_FILES, *optional)},
                       meta={"model": name, "target": target, "seconds": record.get("seconds")})
         except OSError as exc:  # a full or read-only cache must not fail a good build
             print(f"  warning: could not store {name}@{target} in the cache: {exc}")
@@ -266,7 +265,10 @@ def placement_check(model: dict, target: str, record: dict, resolved: dict, rule
     warning under every policy: the model builds but fails on the board.
     """
     policy = model.get("cpu_fallback", "warn")
-    requested = {item["node"] for item in (resolved.get("explanations") or {}).values() if item["action"] == "cpu"}
+    from pipeline.actions import ACTIONS
+
+    requested = {item["node"] for item in (resolved.get("explanations") or {}).values()
+                 if ACTIONS[item["action"]].expected_on == "cpu"}
     cpu_layers = (record.get("placement") or {}).get("cpu_layers") or []
     unexpected = [layer for layer in cpu_layers if layer.get("node") not in requested]
     warnings, errors = [], []
@@ -323,7 +325,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     built, runtime, problems = built_with(model, target, layout.rknn(name, target))
     errors += problems
     warnings += runtime.get("warnings", [])
-    failure = layout.workdir(name, target) / "export-error.json"
+    failure = layout.export_error(name, target)
     if errors:
         # What dist/ holds from an earlier build no longer matches the manifest: withdraw it.
         _withdraw(layout, name, target)
@@ -473,9 +475,8 @@ def report_records(manifest, layout) -> list[dict]:
         for target in model["targets"]:
             sidecar = files.read_json(layout.sidecar(model["name"], target))
             if sidecar is None:
-                workdir = layout.workdir(model["name"], target)
                 converted = files.read_json(layout.convert_record(model["name"], target)) or {}
-                refused = files.read_json(workdir / "export-error.json") or {}
+                refused = files.read_json(layout.export_error(model["name"], target)) or {}
                 error = converted.get("error") or refused.get("error")
                 sidecar = {"model": model["name"], "target": target, "status": "failed" if error else "not built",
                            "error": error, "placement": converted.get("placement")}
