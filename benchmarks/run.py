@@ -53,9 +53,9 @@ GNU_TIME = Path("/usr/bin/time")
 BENCH_MODELS = ("inception_v2", "inception_v2_int8", "densenet121", "shufflenet")
 PARALLEL_TARGETS = ("rk3588", "rk3576", "rk3566", "rk3562")  # all convert float16 models
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore",
-            "6 scale", "7 large model", "8 worker model", "9 shapes", "10 shared cache")
+            "6 scale", "7 large model", "8 worker model", "9 shapes", "12 shared cache")
 # sections measured on section 1's build (see Benchmark.run)
-NEEDS_BUILD = ("1 cold build", "2 no-op rebuild", "3 one changed", "5 cache restore", "6 scale", "10 shared cache")
+NEEDS_BUILD = ("1 cold build", "2 no-op rebuild", "3 one changed", "5 cache restore", "6 scale", "12 shared cache")
 SHAPE_MODELS = ("rec", "rec_dynamic")  # models.yaml entries: one recogniser as buckets and as one dynamic model
 
 
@@ -417,7 +417,7 @@ def run_rknn_convert(scratch: Scratch, peers: Peers, run: int) -> float:
 def seed_cache(cache_dir: Path, ws: Path) -> None:
     """Store a finished build's conversions in a cache, exactly as convert_with_cache() would have."""
     from pipeline import cache, files, stages
-    from pipeline.layout import Layout
+    from pipeline.layout import CACHED_FILES, Layout
     from pipeline.manifest import load_manifest
 
     manifest = load_manifest(ws / "models.yaml")
@@ -429,7 +429,7 @@ def seed_cache(cache_dir: Path, ws: Path) -> None:
             workdir = layout.workdir(name, target)
             resolved = files.read_json(layout.resolved(name, target))
             key = stages.conversion_key(manifest, layout, model, target, resolved)
-            store.put(key, {f: workdir / f for f in stages.CACHED_FILES}, meta={"model": name, "target": target})
+            store.put(key, {f: workdir / f for f in CACHED_FILES}, meta={"model": name, "target": target})
 
 
 # -- peak RSS of conversion workers -----------------------------------------------------------
@@ -632,7 +632,7 @@ UPLOAD_SNIPPET = """
 import json, sys, time
 started = time.perf_counter()
 from pipeline import cache, files, stages
-from pipeline.layout import Layout
+from pipeline.layout import CACHED_FILES, Layout
 from pipeline.manifest import load_manifest
 
 manifest = load_manifest("models.yaml")
@@ -642,7 +642,7 @@ for model in manifest.models:
     for target in model["targets"]:
         workdir = layout.workdir(model["name"], target)
         key = stages.conversion_key(manifest, layout, model, target, files.read_json(layout.resolved(model["name"], target)))
-        store.put(key, {f: workdir / f for f in stages.CACHED_FILES}, meta={"model": model["name"]})
+        store.put(key, {f: workdir / f for f in CACHED_FILES}, meta={"model": model["name"]})
         assert store.has(key), "the upload did not happen"
 print(json.dumps({"seconds": time.perf_counter() - started}))
 """
@@ -1086,7 +1086,7 @@ class Benchmark:
     def shared_cache(self) -> None:
         """Section 1's cold build with an S3 store (every conversion uploaded), then a fresh checkout
         restoring everything from that store; both against section 1's cold build without a cache."""
-        section = SECTIONS[9]
+        section = "12 shared cache"
         sys.path.insert(0, str(REPO / "tests"))
         from s3_server import S3Server  # the tests' moto server on 127.0.0.1
 
