@@ -54,7 +54,7 @@ FIGURES: dict[str, Figure] = {
     "shared.warm_local_ratio": Figure("5 cache restore", "ratio warm cache / cold build", 2),
     "shared.warm_s3": Figure("12 shared cache", "fresh checkout, warm S3 store", 2),
     "shared.warm_s3_ratio": Figure("12 shared cache", "ratio warm S3 build / cold build", 2),
-    "shared.upload": Figure("12 shared cache", "uploading the", 2),
+    "shared.upload": Figure("12 shared cache", "uploading", 2),
     "shared.upload_ratio": Figure("12 shared cache", "ratio upload alone / cold build", 2),
     "scale.load50": Figure("6 scale", "load_manifest, 50 pairs", 2),
     "scale.load200": Figure("6 scale", "load_manifest, 200 pairs", 2),
