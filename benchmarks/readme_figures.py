@@ -68,6 +68,14 @@ FIGURES: dict[str, Figure] = {
     "large.analyze": Figure("7 large model", "`analyze()`", 2),
     "large.rss": Figure("7 large model", "peak RSS of the analysing process", 2),
     "large.onnx_load": Figure("7 large model", "reference: peak RSS of `onnx.load()`", 3),
+    "zygote.ratio_bench": Figure("8 worker model", "benchmark manifest: ratio forked / hand loop", 3),
+    "zygote.ratio_small": Figure("8 worker model", "8 small pairs: ratio forked / hand loop", 3),
+    "zygote.fresh_bench": Figure("8 worker model", "benchmark manifest: ratio fresh / hand loop", 3),
+    "zygote.fresh_small": Figure("8 worker model", "8 small pairs: ratio fresh / hand loop", 3),
+    "zygote.n2_bench": Figure("8 worker model", "benchmark manifest: ratio `-n 2` / CPU floor", 3),
+    "zygote.n2_small": Figure("8 worker model", "8 small pairs: ratio `-n 2` / CPU floor", 3),
+    "zygote.uss": Figure("8 worker model", "peak USS of each zygote", 3),
+    "zygote.child_uss": Figure("8 worker model", "peak USS of each forked child", 3),
 }
 
 

@@ -17,9 +17,9 @@ from collections import defaultdict
 from pathlib import Path
 from pipeline.actions import ACTIONS
 from pipeline.errors import PipelineError
+from pipeline.formats import RESOLUTION_FORMAT
 from pipeline.names import nearest
 
-RESOLUTION_FORMAT = 1
 
 
 class ResolutionError(PipelineError, ValueError):
