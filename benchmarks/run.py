@@ -222,35 +222,13 @@ def tiny_manifest() -> dict:
     }
 
 
-def make_tiny_model(path: Path, seed: int) -> None:
-    """Conv(3->8, 3x3, pad 1) -> AveragePool(2x2, stride 2) on a 1x3x16x16 input."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    weights = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node("AveragePool", ["c"], ["y"], name="pool", kernel_shape=[2, 2], strides=[2, 2])]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], [weights])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
 def make_tiny_assets(directory: Path) -> None:
-    import numpy as np
+    sys.path.insert(0, str(REPO / "tests"))
+    from model_makers import make_npy_dataset, make_tiny_model  # the tests' generators, not a copy
 
-    calib = directory / "calib"
-    calib.mkdir(parents=True)
     make_tiny_model(directory / "tiny.onnx", seed=0)
     make_tiny_model(directory / "tiny_int8.onnx", seed=1)
-    rng = np.random.default_rng(0)
-    for index in range(2):
-        np.save(calib / f"sample_{index}.npy", rng.uniform(0, 1, size=(1, 3, 16, 16)).astype(np.float32))
-    (calib / "dataset.txt").write_text("sample_0.npy\nsample_1.npy\n")
+    make_npy_dataset(directory / "calib")
 
 
 def resave_with_doc_string(path: Path, text: str) -> None:

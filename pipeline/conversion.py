@@ -90,15 +90,11 @@ def toolkit_arguments(model: dict, target: str, source: str) -> dict:
 def portable(value, base: Path):
     """``value`` with absolute paths under ``base`` made relative (records and keys must not
     depend on where the project is checked out: a CI clone must hit a cache filled elsewhere)."""
-    if isinstance(value, dict):
-        return {key: portable(item, base) for key, item in value.items()}
-    if isinstance(value, list):
-        return [portable(item, base) for item in value]
-    if isinstance(value, str) and value.startswith("/"):
-        path = Path(value)
-        if path.is_relative_to(base):
-            return path.relative_to(base).as_posix()
-    return value
+    def relative(text: str):
+        path = Path(text)
+        return path.relative_to(base).as_posix() if text.startswith("/") and path.is_relative_to(base) else text
+
+    return files.map_strings(value, relative)
 
 
 def recorded_arguments(model: dict, target: str, base: Path) -> dict:

@@ -37,6 +37,7 @@ from pipeline.cache_entry import (
     entry_document,
     file_sha256,
     _warn_stderr,
+    publish,
 )
 from pipeline.files import PARTIAL_SUFFIX
 
@@ -202,10 +203,7 @@ class ObjectStore:
             for name in records:
                 temps[name] = dest_dir / f".{name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
             _each(lambda name: self._download(records[name], temps[name]), list(records))
-            restored = {}
-            for name, temp in temps.items():
-                os.replace(temp, dest_dir / name)
-                restored[name] = dest_dir / name
+            restored = publish(temps, dest_dir)
             temps.clear()
             return restored
         except (CorruptEntry, SignatureError) as exc:
