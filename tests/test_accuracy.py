@@ -286,3 +286,56 @@ def test_the_report_draws_each_analysed_layer_and_the_repair():
     text = report.render_markdown(summary)
     assert "## Per-layer accuracy" in text and "relu2 (Relu): single cos 0.5643, entire cos 0.5643" in text
     assert "pass (repaired: 2 float layers, cos 0.6121 -\\> 0.9999)" in text  # ">" escaped for Markdown
+
+
+@pytest.mark.toolkit
+def test_repair_works_on_a_rewritten_model_with_an_override(tmp_path):
+    """The repair builds what resolution made (a rewritten ONNX, op_target) and never drops it."""
+    import shutil
+
+    from pipeline.conversion import convert
+
+    model = _outlier_model(tmp_path, {"samples": 2, "min_cosine": 0.99})
+    model["quantization"]["repair"] = {"min_cosine": 0.99, "max_float_layers": 4}
+    rewritten = tmp_path / "rewritten.onnx"
+    shutil.copy(model["source"], rewritten)
+    resolved = {"converted_onnx": str(rewritten), "op_target": {"r0": "npu"}}
+    workdir = tmp_path / "out"
+    record = convert(model, "rk3588", resolved, workdir)
+    assert record["repair"]["ok"] and set(record["repair"]["float_layers"]) == {"conv1", "conv2"}
+    assert record["op_target"] == {"r0": "npu"} and record["converted_onnx"] == str(rewritten)
+    cfg = (workdir / "work" / "rewritten.quantization.cfg").read_text()
+    assert "c1: float16" in cfg and "c2: float16" in cfg
+
+
+@pytest.mark.toolkit
+def test_a_repair_choice_is_part_of_the_cache_key_and_is_restored(tmp_path):
+    """The search is stored under its own key and under the key with its choice: a fresh checkout
+    restores the search's entry and records the choice, and its next build restores by the choice."""
+    from conftest import Project
+
+    cache = tmp_path / "cache"
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first = Project(tmp_path / "a")
+    first.env["RKNN_PIPELINE_CACHE"] = str(cache)
+    first.write_manifest(_example("outlier_repaired"))
+    first.doit()
+    entries = [json.loads(entry.read_text()) for entry in cache.rglob("entry.json")]
+    conversions = [entry for entry in entries if "model.rknn" in entry["files"]]
+    assert len(conversions) == 2  # under the search's key and under the key with its choice
+
+    second = Project(tmp_path / "b")  # another checkout, no build/ yet
+    second.env["RKNN_PIPELINE_CACHE"] = str(cache)
+    second.write_manifest(_example("outlier_repaired"))
+    run = second.doit()
+    assert "(cache hit)" in run.stdout and "repaired: 2 float layers" in run.stdout
+    pair = second.root / "build" / "outlier_repaired" / "rk3588"
+    choice = json.loads((pair / "resolved.json").read_text())["repair"]
+    assert set(choice["float_layers"]) == {"conv1", "conv2"}
+    second.doit("forget", "convert:outlier_repaired@rk3588")
+    again = second.doit()
+    assert "(cache hit)" in again.stdout
+    record = json.loads((pair / "convert.json").read_text())
+    assert record["cache"]["hit"] and record["cache"]["key"] != json.loads(
+        (first.root / "build" / "outlier_repaired" / "rk3588" / "convert.json").read_text())["cache"]["key"]
