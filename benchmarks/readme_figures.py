@@ -76,6 +76,19 @@ FIGURES: dict[str, Figure] = {
     "zygote.n2_small": Figure("8 worker model", "8 small pairs: ratio `-n 2` / CPU floor", 3),
     "zygote.uss": Figure("8 worker model", "peak USS of each zygote", 3),
     "zygote.child_uss": Figure("8 worker model", "peak USS of each forked child", 3),
+    "repair.cos_int8": Figure("10 repair", "outlier_repaired (rk3588): cosine, plain int8", 4),
+    "repair.cos_repaired": Figure("10 repair", "outlier_repaired (rk3588): cosine, repaired", 4),
+    "repair.cos_float16": Figure("10 repair", "outlier_repaired (rk3588): cosine, float16", 5),
+    "repair.layers": Figure("10 repair", "outlier_repaired (rk3588): float16 layers", 1),
+    "repair.time": Figure("10 repair", "outlier_repaired (rk3588): repair's conversion time", 2),
+    "repair.size_int8": Figure("10 repair", "outlier_repaired (rk3588): .rknn size, repaired / int8", 3),
+    "repair.size_float16": Figure("10 repair", "outlier_repaired (rk3588): .rknn size, repaired / float16", 3),
+    "repair.cycles_int8": Figure("10 repair", "outlier_repaired (rk3588): estimated cycles, repaired / int8", 2),
+    "repair.cycles_float16": Figure("10 repair", "outlier_repaired (rk3588): estimated cycles, repaired / float16",
+                                    2),
+    "repair.inception_size": Figure("10 repair", "inception_v2 (rk3588): .rknn size, repaired / float16", 2),
+    "repair.inception_cycles": Figure("10 repair", "inception_v2 (rk3588): estimated cycles, repaired / float16",
+                                      2),
 }
 
 
