@@ -29,13 +29,15 @@ import os
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
+from pipeline.errors import PipelineError
+from pipeline.onnx_util import DEFAULT_DOMAINS, dims, inferred, opset
 
 ANALYSIS_FORMAT = 1
 _KEEP_ELEMENTS = 1024  # initializers up to this size keep their values for shape propagation
 _CONSTANT_ELEMENTS = 16  # constant inputs up to this size are recorded beside the attributes
 
 
-class AnalysisError(ValueError):
+class AnalysisError(PipelineError, ValueError):
     """The model cannot be analysed (and so cannot be converted) as declared."""
 
 
@@ -43,7 +45,6 @@ class AnalysisError(ValueError):
 
 # ``load_onnx`` refuses newer opsets outright: "Unsupport onnx opset 20, need <= 19!".
 TOOLKIT_MAX_OPSET = 19
-DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
 
 
 class Unloadable(NamedTuple):
@@ -119,13 +120,6 @@ def fix_input_shapes(model, inputs: dict | None) -> None:
             dims.add().dim_value = int(size)
 
 
-def _shape_of(value) -> list | None:
-    tensor_type = value.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
-
-
 def infer_shapes(model) -> dict[str, list | None]:
     """Tensor name -> inferred shape (ints, or dim names / None where unknown).
 
@@ -148,22 +142,15 @@ def infer_shapes(model) -> dict[str, list | None]:
         # Keep the dims visible to inference without the payload.
         skeleton.graph.value_info.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        done = inferred(skeleton, strict_mode=False, data_prop=True)
     except Exception as exc:  # inference errors should not hide the rest of the analysis
         raise AnalysisError(f"ONNX shape inference failed: {exc}") from exc
     shapes: dict[str, list | None] = {}
-    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        shapes[value.name] = _shape_of(value)
+    for value in list(done.graph.input) + list(done.graph.value_info) + list(done.graph.output):
+        shapes[value.name] = dims(value, symbolic=True)
     for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
     return shapes
-
-
-def _opset(model, domain: str) -> int:
-    for entry in model.opset_import:
-        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
-            return entry.version
-    return 0
 
 
 def _plain(value):
@@ -269,7 +256,7 @@ def constant_inputs(node, opset: int, constants: dict, attrs: dict) -> dict:
 def _value_record(value, shapes: dict) -> dict:
     import onnx
 
-    shape = shapes.get(value.name, _shape_of(value))
+    shape = shapes.get(value.name, dims(value, symbolic=True))
     elem = value.type.tensor_type.elem_type
     return {
         "name": value.name,
@@ -312,8 +299,8 @@ def analyze(model_record: dict, target: str, rules) -> dict:
     for index, node in enumerate(model.graph.node):
         if index not in kept:
             continue
-        attrs = node_attributes(node, _opset(model, node.domain))
-        attrs.update(constant_inputs(node, _opset(model, node.domain), constants, attrs))
+        attrs = node_attributes(node, opset(model, node.domain))
+        attrs.update(constant_inputs(node, opset(model, node.domain), constants, attrs))
         record = {
             "index": index,
             "name": node.name,
@@ -454,9 +441,9 @@ def wiring_problems(model) -> list[str]:
 def toolkit_problems(model) -> list[str]:
     """Opsets, operators and domains that rknn-toolkit2 2.5.0 refuses to load or build."""
     problems = []
-    opset = _opset(model, "")
-    if opset > TOOLKIT_MAX_OPSET:
-        problems.append(f"the model uses ONNX opset {opset}, but rknn-toolkit2 loads opsets up to "
+    version = opset(model, "")
+    if version > TOOLKIT_MAX_OPSET:
+        problems.append(f"the model uses ONNX opset {version}, but rknn-toolkit2 loads opsets up to "
                         f"{TOOLKIT_MAX_OPSET}; re-export it with opset {TOOLKIT_MAX_OPSET} or lower "
                         f"(e.g. opset_version={TOOLKIT_MAX_OPSET} in torch.onnx.export)")
     custom = Counter((node.domain, node.op_type) for node in model.graph.node if node.domain not in DEFAULT_DOMAINS)
@@ -464,13 +451,13 @@ def toolkit_problems(model) -> list[str]:
         problems.append(f"{count} {op_type} node(s) from the custom domain {domain!r}: rknn-toolkit2 converts "
                         f"only standard ONNX operators; replace them or export without custom ops")
     for rule in UNLOADABLE_OPS:
-        if not rule.first_opset <= opset <= rule.last_opset:
+        if not rule.first_opset <= version <= rule.last_opset:
             continue
         nodes = [node.name or node.op_type for node in model.graph.node
                  if node.op_type == rule.op_type and node.domain in DEFAULT_DOMAINS
                  and len(node.output) >= rule.min_outputs]
         if nodes:
-            problems.append(f"{rule.op_type} node(s) {', '.join(map(repr, nodes[:3]))} at opset {opset}: "
+            problems.append(f"{rule.op_type} node(s) {', '.join(map(repr, nodes[:3]))} at opset {version}: "
                             f"rknn-toolkit2 refuses them ({rule.toolkit_says!r}); {rule.fix}")
     return problems
 
@@ -490,7 +477,7 @@ def static_input_problems(model, options: dict | None) -> list[str]:
         return _dynamic_input_problems(inputs, dynamic_sets)
     problems = []
     for value in inputs:
-        shape = _shape_of(value)
+        shape = dims(value, symbolic=True)
         if shape is None:
             problems.append(f"input {value.name!r} has no shape in the model: fix it in the manifest with "
                             f"`inputs: {{{value.name}: [...]}}` (one size per dimension)")
@@ -511,7 +498,7 @@ def _dynamic_input_problems(inputs: list, dynamic_sets: list) -> list[str]:
                             f"{len(inputs)} input(s): give one shape per input")
             continue
         for value, shape in zip(inputs, shapes):
-            rank = _shape_of(value)
+            rank = dims(value, symbolic=True)
             if rank is not None and len(rank) != len(shape):
                 problems.append(f"options.dynamic_input[{index}] gives {list(shape)} for input {value.name!r}, "
                                 f"which has {len(rank)} dimensions")

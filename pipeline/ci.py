@@ -20,7 +20,7 @@ def manifest_key(manifest_path: str | Path) -> str:
     from pipeline.cache import cache_key, file_sha256
     from pipeline.conversion import dataset_file, sample_files
     from pipeline.manifest import load_manifest
-    from pipeline.tasks import PIPELINE_FORMAT
+    from pipeline.formats import PIPELINE_FORMAT
     from pipeline.toolkit import installed_version
 
     manifest = load_manifest(Path(manifest_path))

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from pipeline import files
 from pipeline.layer_table import parse_layer_table, summarize
+from pipeline.layout import PairLayout
+from pipeline.errors import PipelineError
 
 # rknn.config() keys fed from the manifest's quantization block.
 _QUANT_CONFIG_KEYS = {
@@ -40,7 +42,7 @@ _QUANT_CONFIG_KEYS = {
 }
 
 
-class ConversionFailed(RuntimeError):
+class ConversionFailed(PipelineError, RuntimeError):
     """The toolkit did not produce a model; the message quotes its own error line."""
 
 
@@ -117,8 +119,15 @@ def dataset_file(model: dict) -> str | None:
     return dataset if isinstance(dataset, str) else None
 
 
-def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibration=None) -> dict:
-    """The worker's job document (plain JSON).
+def _toolkit_version(model: dict, target: str) -> str | None:
+    """The rknn-toolkit2 version this conversion asks for (None: the installed one)."""
+    from pipeline.runtime_gate import toolkit_for
+
+    return toolkit_for(model, target, None)
+
+
+def make_job(model: dict, target: str, resolved: dict, pair: PairLayout | Path, calibration=None) -> dict:
+    """The worker's job document (plain JSON); ``pair`` says where its files go.
 
     ``calibration`` is ``{"dataset", "rows", "verify_rows"}``: the dataset file and rows
     :func:`pipeline.calibration.write_dataset` laid out (the toolkit and verify read those, not
@@ -126,6 +135,7 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
     """
     from pipeline.shapes import dynamic_input
 
+    pair = PairLayout.of(pair)
     onnx_path = resolved.get("converted_onnx") or model["source"]
     args = toolkit_arguments(model, target, onnx_path)
     quant = model.get("quantization") or {}
@@ -134,6 +144,7 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
         args["build"]["dataset"], samples = str(calibration["dataset"]), calibration["rows"]
     return {
         "model": model["name"],
+        "toolkit_version": _toolkit_version(model, target),
         "target": target,
         "onnx": onnx_path,
         "config": args["config"],
@@ -148,9 +159,10 @@ def make_job(model: dict, target: str, resolved: dict, workdir: Path, calibratio
         "verify_shapes": model.get("shape_sets") if dynamic_input(model) else None,
         "verify_rows": (calibration or {}).get("verify_rows"),
         "samples": samples,
-        "workdir": str(workdir / "work"),
-        "rknn_path": str(workdir / ("model.rknn" + files.PARTIAL_SUFFIX)),
-        "result_path": str(workdir / "worker-result.json"),
+        "workdir": str(pair.work),
+        "job_path": str(pair.job),
+        "rknn_path": str(pair.partial_rknn),
+        "result_path": str(pair.worker_result),
     }
 
 
@@ -163,7 +175,15 @@ def worker_python(job: dict | None = None) -> str:
     The job is passed so that a job can name its own toolkit environment; a
     zygote is kept per interpreter.
     """
-    return os.environ.get("RKNN_PIPELINE_WORKER_PYTHON") or sys.executable
+    override = os.environ.get("RKNN_PIPELINE_WORKER_PYTHON")
+    if override:
+        return override
+    from pipeline.toolkit_envs import ToolkitEnvError, python_for
+
+    try:
+        return python_for((job or {}).get("toolkit_version"))
+    except ToolkitEnvError as exc:
+        raise ConversionFailed(str(exc)) from exc
 
 
 WORKER_MODES = ("fork", "fresh")
@@ -273,7 +293,9 @@ class _Standby:
     def spawn(cls, python: str, build_dir: Path) -> subprocess.Popen:
         from pipeline.zygote import die_with_parent
 
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        from pipeline.toolkit_envs import worker_environment
+
+        env = worker_environment(python)
         return subprocess.Popen([python, "-m", "pipeline.worker", "--standby", str(build_dir)],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=env, start_new_session=True, preexec_fn=die_with_parent)
@@ -320,7 +342,7 @@ def run_worker(job: dict, log_path: Path, timeout: float, python: str | None = N
     python = python or worker_python(job)
     workdir = Path(job["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
-    job_path = workdir / "job.json"
+    job_path = Path(job["job_path"])
     files.atomic_write_json(job_path, {**job, "log_path": str(log_path)})
     result_path = Path(job["result_path"])
     started = time.monotonic()
@@ -463,25 +485,23 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def convert(model: dict, target: str, resolved: dict, workdir: Path, calibration=None) -> dict:
-    """Run one conversion and leave its outputs in ``workdir``; return the ``convert.json`` record.
+def convert(model: dict, target: str, resolved: dict, pair: PairLayout | Path, calibration=None) -> dict:
+    """Run one conversion and leave its outputs in ``pair`` (a :class:`PairLayout`); return the
+    ``convert.json`` record.
 
     Raises :class:`ConversionFailed` (after writing convert.json with the failure)
     when the toolkit did not produce a model.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    final_rknn = workdir / "model.rknn"
-    final_rknn.unlink(missing_ok=True)
-    from pipeline.layout import ACCURACY_FILE
-
-    (workdir / ACCURACY_FILE).unlink(missing_ok=True)  # an analysis from an earlier build would mislead
-    files.remove_partials(workdir)  # left by a worker killed with its parent in an earlier run
-    job = make_job(model, target, resolved, workdir, calibration)
+    pair = PairLayout.of(pair)
+    pair.dir.mkdir(parents=True, exist_ok=True)
+    pair.rknn.unlink(missing_ok=True)
+    pair.accuracy.unlink(missing_ok=True)  # an analysis from an earlier build would mislead
+    files.remove_partials(pair.dir)  # left by a worker killed with its parent in an earlier run
+    job = make_job(model, target, resolved, pair, calibration)
     partial = Path(job["rknn_path"])
     with _terminate_as_interrupt():
         try:
-            return _run_and_record(model, target, job, workdir, final_rknn)
+            return _run_and_record(model, target, job, pair)
         except BaseException:
             # Interrupted or failed anywhere, even after the worker finished: no partial model stays.
             with _shielded():
@@ -489,12 +509,12 @@ def convert(model: dict, target: str, resolved: dict, workdir: Path, calibration
             raise
 
 
-def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rknn: Path) -> dict:
+def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> dict:
     """Run the worker, then turn its result and log into convert.json (and model.rknn, last)."""
     from pipeline import diagnostics
 
-    log_path = workdir / "convert.log"
-    result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
+    log_path = pair.log
+    result, tries = _run_with_retries(model, target, job, log_path)
     log_text = log_path.read_text(errors="replace")
     layers = parse_layer_table(log_text)
     record = {
@@ -510,9 +530,11 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
         "placement": summarize(layers) if layers else None,
         "diagnostics": reconcile(diagnostics.explain_log(log_text), result, layers),
     }
+    if tries > 1:
+        record["attempts"] = tries
     partial = Path(job["rknn_path"])
     verify = result.get("verify")
-    analysis = _record_accuracy(result.get("accuracy"), workdir, record)
+    analysis = _record_accuracy(result.get("accuracy"), pair, record)
     if result.get("ok") and verify and not verify.get("passed"):
         from pipeline.accuracy import failure_lines
 
@@ -526,25 +548,42 @@ def _run_and_record(model: dict, target: str, job: dict, workdir: Path, final_rk
         record["error"] = result.get("error") or "the toolkit produced no model"
         record["step"] = result.get("step")
         record["toolkit_error_lines"] = diagnostics.error_lines(log_text)
-        files.atomic_write_json(workdir / "convert.json", record)
+        files.atomic_write_json(pair.convert_record, record)
         raise ConversionFailed(failure_message(record, log_path))
-    files.atomic_write_json(workdir / "placement.json", layers)
-    files.atomic_write_json(workdir / "convert.json", record)
-    os.replace(partial, final_rknn)
+    files.atomic_write_json(pair.placement, layers)
+    files.atomic_write_json(pair.convert_record, record)
+    os.replace(partial, pair.rknn)
     return record
 
 
-def _record_accuracy(analysis: dict | None, workdir: Path, record: dict) -> dict | None:
-    """Write the worker's per-layer analysis to accuracy.json and its summary into ``record``."""
-    from pipeline.layout import ACCURACY_FILE
+def _run_with_retries(model: dict, target: str, job: dict, log_path: Path) -> tuple[dict, int]:
+    """The worker's result, tried again after a crash where the toolkit is known to crash intermittently.
 
+    ``platforms.UNSTABLE`` lists those builds (w8a16 on rk3562); anywhere else a crash is final,
+    since retrying a deterministic abort only wastes minutes.
+    """
+    from pipeline import platforms
+
+    allowed = platforms.attempts(target, model)
+    for attempt in range(1, allowed + 1):
+        result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
+        crash = _crash_signal(result)
+        if crash is None or attempt == allowed:
+            return result, attempt
+        print(f"{model['name']}@{target}: the toolkit crashed ({crash.name}), which this build does in some "
+              f"runs (pipeline/platforms.py UNSTABLE); try {attempt + 1} of {allowed}", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def _record_accuracy(analysis: dict | None, pair: PairLayout, record: dict) -> dict | None:
+    """Write the worker's per-layer analysis to accuracy.json and its summary into ``record``."""
     if not analysis:
         return None
     if analysis.get("error"):
         record["accuracy"] = {"error": analysis["error"], "why": analysis.get("why")}
     else:
-        files.atomic_write_json(workdir / ACCURACY_FILE, analysis)
-        record["accuracy"] = {"file": ACCURACY_FILE, "why": analysis.get("why"), "worst": analysis.get("worst")}
+        files.atomic_write_json(pair.accuracy, analysis)
+        record["accuracy"] = {"file": pair.accuracy.name, "why": analysis.get("why"), "worst": analysis.get("worst")}
     return analysis
 
 

@@ -34,6 +34,8 @@ CONVERSION_CODE = (
     "conversion.py",
     "worker.py",
     "zygote.py",
+    "toolkit_envs.py",
+    "data/toolkits.yaml",
     "toolkit.py",
     "verify.py",
     "calibration.py",
@@ -63,6 +65,20 @@ def _versions() -> tuple:
 def versions() -> dict:
     """Exact installed versions of the libraries in :data:`VERSIONED`, and Python's (read once per process)."""
     return dict(_versions())
+
+
+def conversion_versions(model: dict, target: str) -> dict:
+    """The versions that run this conversion: the project's environment, or, for a model that asks for
+    another toolkit, that toolkit and the requirements its environment is made from (known without
+    making it, so a warm cache needs no environment)."""
+    from pipeline import toolkit_envs
+    from pipeline.runtime_gate import toolkit_for
+
+    version = toolkit_for(model, target, None)
+    if not toolkit_envs.uses_own_environment(version):
+        return versions()
+    return {"rknn-toolkit2": version, "environment": toolkit_envs.requirements(version),
+            "python": platform.python_version()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,6 +145,6 @@ def key_document(model: dict, target: str, resolved: dict, *, base: Path,
         "repair": quant.get("repair"),
         "verify": model.get("verify"),
         "verify_shapes": model.get("shape_sets"),
-        "versions": versions(),
+        "versions": conversion_versions(model, target),
         "code": code_digest(),
     }

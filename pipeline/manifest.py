@@ -13,7 +13,6 @@ defaults merged in and paths made absolute, ready to hash and to pass on.
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import functools
 import json
@@ -28,6 +27,10 @@ from typing import NamedTuple
 from . import inputs as input_facts
 from . import platforms
 from . import shapes as shape_sets
+from .errors import PipelineError
+from .names import nearest
+from .onnx_util import dims as value_dims
+from .schema import load as _schema
 from .yaml_source import YamlDocument, YamlError, load_yaml
 
 SAMPLE_TYPES = input_facts.SAMPLE_TYPES
@@ -68,7 +71,7 @@ class Problem(NamedTuple):
         return f"{self.path}:{self.line}:{self.col}: {self.message}"
 
 
-class ManifestError(Exception):
+class ManifestError(PipelineError):
     """A manifest that cannot be used; ``problems`` says why, sorted by line."""
 
     def __init__(self, problems: list[Problem]):
@@ -198,17 +201,6 @@ class _Report:
 
 
 # -- schema --------------------------------------------------------------------
-
-
-def _schema_file() -> Path:
-    here = Path(__file__).resolve().parent
-    installed = here / "_schema" / "models.schema.json"
-    return installed if installed.exists() else here.parent / "schema" / "models.schema.json"
-
-
-@functools.lru_cache(maxsize=1)
-def _schema() -> dict:
-    return json.loads(_schema_file().read_text(encoding="utf-8"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -421,7 +413,7 @@ def _unknown_key(key: str, schema: dict, path: tuple) -> str:
         return f"unknown key {key!r}{close}"
     for parent, sub in schema.get("properties", {}).items():
         nested = list(_resolve(sub).get("properties", {}))
-        guess = difflib.get_close_matches(key, nested, n=1, cutoff=0.75)
+        guess = nearest(key, nested, cutoff=0.75)
         if guess and guess[0] == key:
             return f"unknown key {key!r} here: it belongs under {parent}:"
         if guess:
@@ -458,7 +450,7 @@ def _did_you_mean(value, choices) -> str:
     if not isinstance(value, str):
         return ""
     by_lower = {str(choice).lower(): choice for choice in choices}
-    close = difflib.get_close_matches(value.lower(), list(by_lower), n=1, cutoff=0.6)
+    close = nearest(value.lower(), by_lower)
     return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
@@ -518,6 +510,10 @@ def _effective_model(index: int, raw: dict, defaults: dict, directory: Path) -> 
         model["source"] = _absolute(directory, model["source"])
     model["quantization"] = _effective_quantization(model["quantization"], directory)
     model["shape_sets"] = shape_sets.shape_sets(model["inputs"])
+    if model["verify"] is True:  # "verify: true" means the defaults: block's settings, else the schema's
+        model["verify"] = _clone(defaults.get("verify")) if isinstance(defaults.get("verify"), dict) else {}
+    elif model["verify"] is False:
+        model["verify"] = None
     if isinstance(model["verify"], dict):
         model["verify"] = {**_schema_defaults("verify"), **model["verify"]}
     for override in model["overrides"] if isinstance(model["overrides"], list) else ():
@@ -596,6 +592,13 @@ class _Checker:
                 message = f"duplicate model name {name!r} (first used at line {line})"
                 self.report.add_model(model, "name", message=message)
             first.setdefault(name, model["index"])
+        from .layout import Layout
+
+        for model in self.models:  # build/<name>/ must not be a file the build writes there itself
+            if model["name"] in Layout.BUILD_FILES:
+                message = (f"model name {model['name']!r} is reserved: the build writes build/{model['name']} "
+                           f"itself (reserved under build/: {', '.join(Layout.BUILD_FILES)}); rename the model")
+                self.report.add_model(model, "name", message=message)
         for model in self.models:  # a bucket is named <name>.<dims>: it must not clash either
             if not isinstance(model["name"], str) or shape_sets.mode(model) != "buckets":
                 continue
@@ -625,8 +628,29 @@ class _Checker:
             self.check_quantization(model, infos)
         if graph is not None and self.clean(model, "inputs", "outputs", "quantization", "mean_values", "std_values"):
             self.check_tensor_names(model, graph)
-        if model.get("runtime") and self.clean(model, "targets", "runtime", "allow_newer_toolkit"):
+        if model.get("toolkit") and self.clean(model, "targets", "toolkit"):
+            self.check_toolkit(model)
+        if model.get("runtime") and self.clean(model, "targets", "runtime", "allow_newer_toolkit", "toolkit"):
             self.check_runtime(model)
+
+    def check_toolkit(self, model: dict) -> None:
+        """A per-model toolkit must be one PyPI has for this Python (or the installed one), for a built target."""
+        from pipeline import runtime_gate
+        from pipeline.toolkit import installed_version
+
+        chosen = model["toolkit"]
+        by_target = chosen if isinstance(chosen, dict) else {None: chosen}
+        available = runtime_gate.rules()["pypi_toolkits"]["versions"]
+        for target, version in by_target.items():
+            where = ("toolkit", target) if target else ("toolkit",)
+            if target and target not in model["targets"]:
+                message = (f"toolkit for {target!r}, which model {model['name']!r} does not build "
+                           f"(targets: {', '.join(model['targets'])})")
+                self.report.add_model(model, *where, message=message, key=True)
+            elif version not in available and version != installed_version():
+                message = (f"rknn-toolkit2 {version} is not on PyPI for this Python and platform (available: "
+                           f"{', '.join(available)})")
+                self.report.add_model(model, *where, message=message)
 
     def check_runtime(self, model: dict) -> None:
         """The boards' runtime against the toolkit that builds each target (pipeline/runtime_gate.py)."""
@@ -1072,12 +1096,13 @@ def _parse_graph(path: str, size: int) -> _Graph | str:
 
 def _selector_nodes(model) -> tuple:
     """Each node as override selectors see it, with the attributes analysis.json gives it."""
-    from .analysis import _opset, constant_inputs, node_attributes, small_constants
+    from .analysis import constant_inputs, node_attributes, small_constants
+    from .onnx_util import opset as opset_of
 
     constants = small_constants(model)
     records = []
     for index, node in enumerate(model.graph.node):
-        opset = _opset(model, node.domain)
+        opset = opset_of(model, node.domain)
         attrs = node_attributes(node, opset)
         attrs.update(constant_inputs(node, opset, constants, attrs))
         records.append({"index": index, "name": node.name, "op_type": node.op_type, "attrs": attrs,
@@ -1105,12 +1130,10 @@ def _graph_names(graph) -> _Graph:
     inputs, types = {}, {}
     for value in graph.input:
         if value.name not in weights:
-            tensor_type = value.type.tensor_type
-            has_shape = tensor_type.HasField("shape")
-            inputs[value.name] = len(tensor_type.shape.dim) if has_shape else None
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                    for d in tensor_type.shape.dim] if has_shape else None
-            types[value.name] = [tensor_type.elem_type, dims]
+            shape = value_dims(value)
+            inputs[value.name] = None if shape is None else len(shape)
+            types[value.name] = [value.type.tensor_type.elem_type,
+                                 None if shape is None else [d if d and d > 0 else None for d in shape]]
     tensors = {value.name for value in graph.input} | {value.name for value in graph.output}
     for node in graph.node:
         tensors.update(node.output)

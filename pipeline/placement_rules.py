@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pipeline.errors import PipelineError
+from pipeline.onnx_util import DEFAULT_DOMAINS
 
 DEFAULT_RULES_PATH = Path(__file__).resolve().parent / "data" / "op_rules.yaml"
 
 NPU, CPU, UNSUPPORTED, NONE = "npu", "cpu", "unsupported", "none"
-DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
 FOLDED_REASON = "folded by the toolkit's graph optimisation"
 
 TOP_KEYS = {"version", "source", "folded", "off_npu", "cpu_aliases", "cpu_constraints",
@@ -37,7 +38,7 @@ COUNTED = {"inputs": "input_shapes", "outputs": "output_shapes"}
 _UNKNOWN = object()  # a value that cannot be read from the node (missing or symbolic)
 
 
-class RulesError(ValueError):
+class RulesError(PipelineError, ValueError):
     """The rules file does not follow its own vocabulary."""
 
 

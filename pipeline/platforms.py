@@ -78,6 +78,25 @@ ALGORITHM_DTYPES: dict[str, dict] = {
     "gdq": {"dtypes": ("w4a16", "w8a16"), "source": DOCS},
 }
 
+# Combinations config() accepts whose build() then kills the process in the toolkit's native
+# compiler ("Meet unsupported conv, input tensor name: x input type: N"), every run, measured by
+# tests/platform_probe.py. Refused at load: there is nothing a retry or an option could change.
+ABORTS: dict[tuple[str, str], str] = {
+    ("rk2118", "w8a8"): MEASURED,
+    ("rk2118", "w16a16i_dfp"): MEASURED,
+    ("rv1103b", "w16a16i_dfp"): MEASURED,
+    ("rv1106b", "w16a16i_dfp"): MEASURED,
+}
+
+# Builds that crash only some of the time (SIGSEGV or std::bad_alloc in build(), about 4 runs in
+# 10 with the probe model). Retried, not refused: rk3562 is the only platform with w8a16, so a
+# refusal would take the dtype away, while ``attempts`` tries of a 40 % crash all fail about
+# 6 times in 100. The conversion makes up to ``attempts`` tries when the worker dies of a signal,
+# says so in the log, and records the tries in convert.json.
+UNSTABLE: dict[tuple[str, str], dict] = {
+    ("rk3562", "w8a16"): {"source": MEASURED, "attempts": 3},
+}
+
 DEFAULT_DTYPE = "w8a8"
 DEFAULT_ALGORITHM = "normal"
 
@@ -104,6 +123,11 @@ def _float_problem(target: str, model: dict) -> str | None:
 
 def _dtype_problem(target: str, quant: dict) -> str | None:
     dtype = _dtype(quant)
+    if (target, dtype) in ABORTS:
+        default = " (the default dtype)" if "dtype" not in quant else ""
+        return (f"{target} cannot build quantization dtype {dtype}{default}: config() accepts it, then the "
+                f"toolkit's compiler aborts the whole process in build() (\"Meet unsupported conv\"; "
+                f"{ABORTS[target, dtype]}); choose another dtype or target")
     fact = QUANTIZED_DTYPES.get(dtype)
     if fact is None or target in fact.get("accepted", {}):
         return None
@@ -156,3 +180,10 @@ def check_model_options(model: dict) -> list[str]:
         f"quantization algorithm {algorithm} needs dtype "
         f"{' or '.join(fact['dtypes'])}, not {dtype} ({fact['source']})"
     ]
+
+
+def attempts(target: str, model: dict) -> int:
+    """How many tries a conversion gets when the toolkit crashes: more than one only for UNSTABLE builds."""
+    quant = _quantization(model)
+    fact = UNSTABLE.get((target, _dtype(quant))) if quant is not None else None
+    return fact["attempts"] if fact else 1

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from pipeline.cache import (
+from pipeline.cache_entry import (
     CacheError,
     CorruptEntry,
     canonical_json,
@@ -35,6 +35,7 @@ from pipeline.cache import (
     checked_records,
     entry_document,
     file_sha256,
+    _warn_stderr,
 )
 from pipeline.files import PARTIAL_SUFFIX
 
@@ -66,8 +67,6 @@ class ObjectStore:
 
     def __init__(self, url: str, warn: Callable[[str], None] | None = None, *, writable: bool = True,
                  signing=None):
-        from pipeline.cache import _warn_stderr
-
         self.url = url.rstrip("/")
         self.writable = writable
         self._warn = warn or _warn_stderr

@@ -12,16 +12,17 @@ optimised graph exists (see :func:`pipeline.worker._remap_op_target`).
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections import defaultdict
 from pathlib import Path
+from pipeline.errors import PipelineError
+from pipeline.names import nearest
 
 RESOLUTION_FORMAT = 1
 ACTIONS = ("npu", "cpu", "rewrite")
 
 
-class ResolutionError(ValueError):
+class ResolutionError(PipelineError, ValueError):
     """An override cannot be applied as written; the message says where and what to change."""
 
 
@@ -75,7 +76,7 @@ def nearest_candidates(nodes: list[dict], match: dict, limit: int = 5) -> str:
     hints = []
     if "op_type" in match:
         present = sorted({n["op_type"] for n in nodes})
-        close = difflib.get_close_matches(match["op_type"], present, n=3)
+        close = nearest(match["op_type"], present, 3)
         hints.append(f"op types here: {', '.join(close or present[:12])}")
         same_op = [n for n in nodes if n["op_type"] == match["op_type"]]
         for key in match.get("attrs") or {}:
@@ -84,12 +85,10 @@ def nearest_candidates(nodes: list[dict], match: dict, limit: int = 5) -> str:
                 hints.append(f"{match['op_type']}.{key} values here: {', '.join(values)}")
     if "node" in match:
         names = [n["name"] for n in nodes if n["name"]]
-        hints.append("nearest nodes: " + ", ".join(difflib.get_close_matches(match["node"], names, n=limit, cutoff=0.3)
-                                                   or names[:limit]))
+        hints.append("nearest nodes: " + ", ".join(nearest(match["node"], names, limit, 0.3, fallback=True)))
     if "tensor" in match:
         outs = [o for n in nodes for o in n["outputs"]]
-        hints.append("nearest tensors: " + ", ".join(difflib.get_close_matches(match["tensor"], outs, n=limit, cutoff=0.3)
-                                                     or outs[:limit]))
+        hints.append("nearest tensors: " + ", ".join(nearest(match["tensor"], outs, limit, 0.3, fallback=True)))
     return "; ".join(hints) or "the selector is empty"
 
 
@@ -131,8 +130,8 @@ def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict 
         analysis: the document from :func:`pipeline.analysis.analyze` for this model x target.
         rules: the placement rules, for the cpu/npu checks.
         locations: override index -> ``"PATH:LINE:COL"``, used in error messages only.
-        workdir: where a rewritten ONNX is written (``rewritten.onnx``); required when an
-            override uses ``action: rewrite``.
+        workdir: the pair's :class:`pipeline.layout.PairLayout` (or its directory): where a
+            rewritten ONNX is written; required when an override uses ``action: rewrite``.
     Returns:
         The ``resolved.json`` document.
     Raises:
@@ -187,7 +186,7 @@ def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict 
     if rewrite_nodes:
         if workdir is None:
             raise ResolutionError("internal: rewrite needs a working directory")
-        converted, rewrites = _rewrite(model, rewrite_nodes, Path(workdir))
+        converted, rewrites = _rewrite(model, rewrite_nodes, workdir)
     return {
         "format": RESOLUTION_FORMAT,
         "model": model["name"],
@@ -250,12 +249,13 @@ def _describe(match: dict) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in match.items())
 
 
-def _rewrite(model: dict, node_names: list[str], workdir: Path) -> tuple[str, list[dict]]:
+def _rewrite(model: dict, node_names: list[str], workdir) -> tuple[str, list[dict]]:
     """Write ``rewritten.onnx`` with every named AveragePool replaced by its exact NPU form."""
     import onnx
 
     from pipeline import files
     from pipeline.analysis import fix_input_shapes
+    from pipeline.layout import PairLayout
     from pipeline.rewrite import RewriteError, rewrite_average_pools
 
     source = onnx.load(model["source"])
@@ -264,7 +264,7 @@ def _rewrite(model: dict, node_names: list[str], workdir: Path) -> tuple[str, li
         rewritten, records = rewrite_average_pools(source, node_names)
     except RewriteError as exc:
         raise ResolutionError(f"{model['name']}: rewrite failed: {exc}") from exc
-    path = workdir / "rewritten.onnx"
+    path = PairLayout.of(workdir).rewritten_onnx
     files.atomic_write_bytes(path, rewritten.SerializeToString())
     return str(path), records
 

@@ -28,13 +28,15 @@ Only nodes of the main graph are rewritten; subgraphs are left alone.
 from __future__ import annotations
 
 import copy
-import difflib
 from dataclasses import dataclass
 from functools import reduce
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from pipeline.errors import PipelineError
+from pipeline.names import nearest
+from pipeline.onnx_util import inferred, is_default_domain, opset, value_types
 
 __all__ = [
     "RewriteError",
@@ -59,7 +61,7 @@ _SUPPORTED_DTYPES = {
 }
 
 
-class RewriteError(ValueError):
+class RewriteError(PipelineError, ValueError):
     """A requested AveragePool rewrite cannot be done exactly."""
 
 
@@ -198,13 +200,12 @@ def _find_pool(graph: onnx.GraphProto, name: str) -> int:
 
 
 def _is_average_pool(node: onnx.NodeProto) -> bool:
-    return node.op_type == "AveragePool" and node.domain in ("", "ai.onnx")
+    return node.op_type == "AveragePool" and is_default_domain(node.domain)
 
 
 def _nearby(name: str, candidates: list[str], limit: int = 8) -> list[str]:
     """Up to ``limit`` candidates that resemble ``name``, else the first ``limit`` ones."""
-    close = difflib.get_close_matches(name, candidates, n=limit, cutoff=0.5)
-    return close or candidates[:limit]
+    return nearest(name, candidates, limit, cutoff=0.5, fallback=True)
 
 
 # --- shapes, types and opset -------------------------------------------------
@@ -212,25 +213,21 @@ def _nearby(name: str, candidates: list[str], limit: int = 8) -> list[str]:
 
 def _infer_tensor_types(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | None]]]:
     """tensor name -> (ONNX elem_type, shape with None for unknown dims), via shape inference."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
-    found: dict[str, tuple[int, list[int | None]]] = {}
-    for init in graph.initializer:
-        found[init.name] = (init.data_type, list(init.dims))
-    for info in (*graph.input, *graph.value_info, *graph.output):
-        tensor = info.type.tensor_type
-        if info.type.HasField("tensor_type") and tensor.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-            found.setdefault(info.name, (tensor.elem_type, dims))
+    graph = inferred(model).graph
+    found: dict[str, tuple[int, list[int | None]]] = {init.name: (init.data_type, list(init.dims))
+                                                       for init in graph.initializer}
+    for name, (elem_type, shape) in value_types((*graph.input, *graph.value_info, *graph.output)).items():
+        if shape is not None:
+            found.setdefault(name, (elem_type, shape))
     return found
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
     """Version of the default ONNX domain imported by ``model``."""
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    raise RewriteError("model imports no default-domain opset")
+    version = opset(model)
+    if not version:
+        raise RewriteError("model imports no default-domain opset")
+    return version
 
 
 def _pool_dtype(node: onnx.NodeProto, types: dict) -> type:

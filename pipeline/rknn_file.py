@@ -30,6 +30,7 @@ import struct
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from pipeline.errors import PipelineError
 
 MAGIC = b"RKNN"
 BODY_OFFSET = 64
@@ -37,7 +38,7 @@ BODY_OFFSET = 64
 ROOT_FIELDS = {6: (6, 7, 8), 0x1004: (4, 5, 6)}
 
 
-class RknnFileError(ValueError):
+class RknnFileError(PipelineError, ValueError):
     """The file is not an .rknn model this reader understands; the message says where it stopped."""
 
 

@@ -91,9 +91,9 @@ def check(target: str, toolkit: str, runtime: str, allow_newer: bool = False) ->
 
 def _how_to_use(version: str) -> str:
     """How to build with another toolkit version: per model where the manifest supports it."""
-    from pipeline.manifest import _schema
+    from pipeline import schema
 
-    if "toolkit" in _schema()["$defs"]["model"]["properties"]:
+    if "toolkit" in schema.load()["$defs"]["model"]["properties"]:
         return f'set toolkit: "{version}" for this model'
     return f"uv add rknn-toolkit2=={version} in a checkout for these boards, with the manifest's toolkit: \"{version}\""
 

@@ -38,6 +38,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from pipeline.errors import PipelineError
 
 PLAN_FORMAT = 1
 MARKER_FILE = "pair.json"
@@ -50,7 +51,7 @@ MAX_MATRIX = 256  # GitHub Actions' limit of jobs per matrix
 _PACKAGE = Path(__file__).resolve().parent
 
 
-class ShardError(ValueError):
+class ShardError(PipelineError, ValueError):
     """Bad shard input or a sharding mode without what it needs; the message is one line for the user."""
 
 

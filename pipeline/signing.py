@@ -22,12 +22,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from pipeline.errors import PipelineError
 
 PRIVATE_ENV = "RKNN_PIPELINE_CACHE_SIGNING_KEY"
 PUBLIC_ENV = "RKNN_PIPELINE_CACHE_PUBLIC_KEY"
 
 
-class SignatureError(Exception):
+class SignatureError(PipelineError):
     """An entry's signature is missing or does not verify; the message says which."""
 
 

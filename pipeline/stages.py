@@ -12,21 +12,25 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline import files
+from pipeline.errors import PipelineError
+from pipeline.formats import SIDECAR_FORMAT
+from pipeline.layout import CACHED_FILES, OPTIONAL_CACHED_FILES
 
-SIDECAR_FORMAT = 1
-CACHED_FILES = ("model.rknn", "convert.json", "placement.json", "convert.log")
-OPTIONAL_CACHED_FILES = ("accuracy.json",)  # the per-layer analysis, when verify.layers asked for one
 
-
-class StageFailed(RuntimeError):
+class StageFailed(PipelineError, RuntimeError):
     """A stage refused or failed; the message names model, target and cause."""
 
 
-def versions() -> dict:
-    """Versions that can change a conversion's result (recorded in every sidecar), and this package's."""
-    from pipeline.identity import versions as conversion_versions
+def versions(model: dict | None = None, target: str | None = None) -> dict:
+    """Versions that ran a conversion (recorded in every sidecar), and this package's: the project's
+    environment, or the environment of the toolkit version the model asked for."""
+    from pipeline import toolkit_envs
+    from pipeline.identity import versions as project_versions
+    from pipeline.runtime_gate import toolkit_for
 
-    found = conversion_versions()
+    version = toolkit_for(model, target, None) if model else None
+    found = (toolkit_envs.uses_own_environment(version) and toolkit_envs.environment_versions(version)) or \
+        project_versions()
     try:
         found["rknn-pipeline"] = metadata.version("rknn-pipeline")
     except metadata.PackageNotFoundError:
@@ -108,7 +112,7 @@ def prestart_conversion(manifest, layout, model: dict, target: str, resolved: di
         return
     if fanin_mode():
         return  # the fan-in restores or fails; it never starts the toolkit
-    conversion.prestart_worker(conversion.make_job(model, target, resolved, layout.workdir(model["name"], target)))
+    conversion.prestart_worker(conversion.make_job(model, target, resolved, layout.pair(model["name"], target)))
 
 
 def open_cache(manifest):
@@ -129,14 +133,14 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     from pipeline import conversion
 
     name = model["name"]
-    workdir = layout.workdir(name, target)
-    resolved = files.read_json(layout.resolved(name, target))
+    pair = layout.pair(name, target)
+    resolved = files.read_json(pair.resolved)
     key = conversion_key(manifest, layout, model, target, resolved)
     store = open_cache(manifest)
     started = time.monotonic()
     if store is not None:
         layout.accuracy(name, target).unlink(missing_ok=True)  # only a restored entry's own analysis may stay
-        restored = store.get(key, workdir)
+        restored = store.get(key, pair.dir)
         if restored is not None and set(CACHED_FILES) <= set(restored):
             # The entry may come from another model with the same settings, in another checkout.
             record = portable_record(files.read_json(layout.convert_record(name, target)), model, target,
@@ -164,7 +168,7 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
             calibration["verify_rows"] = rows_per_shape(model["quantization"], model["shape_sets"],
                                                         layout.verify_samples_dir(name, target))
     try:
-        record = conversion.convert(model, target, resolved, workdir, calibration)
+        record = conversion.convert(model, target, resolved, pair, calibration)
     except conversion.ConversionFailed as exc:
         raise StageFailed(str(exc)) from exc
     record = portable_record(record, model, target, resolved, layout)
@@ -175,8 +179,8 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     _record_remaps(layout, name, target, resolved, record)
     if store is not None:
         try:
-            optional = [f for f in OPTIONAL_CACHED_FILES if (workdir / f).exists()]
-            store.put(key, {f: workdir / f for f in (*CACHED_FILES, *optional)},
+            optional = [f for f in OPTIONAL_CACHED_FILES if (pair.dir / f).exists()]
+            store.put(key, {f: pair.dir / f for f in (*CACHED_FILES, *optional)},
                       meta={"model": name, "target": target, "seconds": record.get("seconds")})
         except OSError as exc:  # a full or read-only cache must not fail a good build
             print(f"  warning: could not store {name}@{target} in the cache: {exc}")
@@ -318,7 +322,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     built, runtime, problems = built_with(model, target, layout.rknn(name, target))
     errors += problems
     warnings += runtime.get("warnings", [])
-    failure = layout.workdir(name, target) / "export-error.json"
+    failure = layout.export_error(name, target)
     if errors:
         # What dist/ holds from an earlier build no longer matches the manifest: withdraw it.
         _withdraw(layout, name, target)
@@ -335,7 +339,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "status": "ok",
         "rknn": {"file": f"{name}.rknn", "sha256": file_sha256(rknn), "size": rknn.stat().st_size},
         "inputs": input_hashes(manifest, model, resolved),
-        "versions": versions(),
+        "versions": versions(model, target),
         "built_with": built,
         "runtime": runtime or None,
         "arguments": portable(record["arguments"], layout.root),
@@ -468,9 +472,8 @@ def report_records(manifest, layout) -> list[dict]:
         for target in model["targets"]:
             sidecar = files.read_json(layout.sidecar(model["name"], target))
             if sidecar is None:
-                workdir = layout.workdir(model["name"], target)
                 converted = files.read_json(layout.convert_record(model["name"], target)) or {}
-                refused = files.read_json(workdir / "export-error.json") or {}
+                refused = files.read_json(layout.export_error(model["name"], target)) or {}
                 error = converted.get("error") or refused.get("error")
                 sidecar = {"model": model["name"], "target": target, "status": "failed" if error else "not built",
                            "error": error, "placement": converted.get("placement")}

@@ -27,6 +27,8 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from pipeline import __version__, files
+from pipeline.errors import as_task_failure
+from pipeline.formats import PIPELINE_FORMAT
 from pipeline.layout import Layout
 
 DOIT_CONFIG = {
@@ -37,8 +39,6 @@ DOIT_CONFIG = {
     "default_tasks": ["analyze", "resolve", "convert", "export", "lock", "report"],
     "verbosity": 2,
 }
-
-PIPELINE_FORMAT = 1  # bump when an artifact's meaning changes: invalidates caches and tasks
 
 
 def _fail_and_exit(message: str) -> None:
@@ -129,7 +129,7 @@ def _rewritten(model: dict, target: str, layout) -> list[str]:
     from pipeline.resolution import override_applies
 
     if any(o["action"] == "rewrite" and override_applies(o, target) for o in model.get("overrides") or []):
-        return [str(layout.workdir(model["name"], target) / "rewritten.onnx")]
+        return [str(layout.rewritten_onnx(model["name"], target))]
     return []
 
 
@@ -169,6 +169,7 @@ def convert_key(model: dict, target: str, base: Path) -> dict:
     args = recorded_arguments(model, target, base)
     quant = model.get("quantization") or {}
     return {"format": PIPELINE_FORMAT, "versions": versions(), "code": code_digest(), "arguments": args,
+            "toolkit": model.get("toolkit"),
             "hybrid": quant.get("hybrid"), "verify": model.get("verify")}
 
 
@@ -186,13 +187,13 @@ def run_analyze(name: str, target: str) -> TaskFailed | None:
 
     manifest, layout = context()
     model = manifest.model(name)
-    try:
+
+    def action():
         doc = analysis.analyze(model, target, Rules.load())
-    except analysis.AnalysisError as exc:
-        return TaskFailed(f"{manifest.location('models', model['index'], 'source')}: {name}@{target}: {exc}")
-    files.atomic_write_json(layout.analysis(name, target), doc, compact=True)  # thousands of nodes
-    print(f"analyze {name}@{target}  {analysis.summary_line(doc)}")
-    return None
+        files.atomic_write_json(layout.analysis(name, target), doc, compact=True)  # thousands of nodes
+        print(f"analyze {name}@{target}  {analysis.summary_line(doc)}")
+
+    return as_task_failure(action, f"{manifest.location('models', model['index'], 'source')}: {name}@{target}: ")
 
 
 def run_resolve(name: str, target: str) -> TaskFailed | None:
@@ -203,47 +204,46 @@ def run_resolve(name: str, target: str) -> TaskFailed | None:
     model = manifest.model(name)
     locations = {i: manifest.location("models", model["index"], "overrides", i)
                  for i in range(len(model.get("overrides") or []))}
-    doc = files.read_json(layout.analysis(name, target))
-    try:
+
+    def action():
+        doc = files.read_json(layout.analysis(name, target))
         resolved = resolution.resolve(model, target, doc, Rules.load(), locations=locations,
-                                      workdir=layout.workdir(name, target))
-    except resolution.ResolutionError as exc:
-        return TaskFailed(str(exc))
-    files.atomic_write_json(layout.resolved(name, target), resolved)
-    stages.prestart_conversion(manifest, layout, model, target, resolved)
-    print(f"resolve {name}@{target}  {resolution.summary_line(resolved)}")
-    for note in resolved["notes"]:
-        print(f"  note: {note}")
-    for warning in resolved["warnings"]:
-        print(f"  warning: {warning}")
-    return None
+                                      workdir=layout.pair(name, target))
+        files.atomic_write_json(layout.resolved(name, target), resolved)
+        stages.prestart_conversion(manifest, layout, model, target, resolved)
+        print(f"resolve {name}@{target}  {resolution.summary_line(resolved)}")
+        for note in resolved["notes"]:
+            print(f"  note: {note}")
+        for warning in resolved["warnings"]:
+            print(f"  warning: {warning}")
+
+    return as_task_failure(action)
 
 
 def run_convert(name: str, target: str) -> TaskFailed | None:
     from pipeline import stages
 
     manifest, layout = context()
-    try:
+
+    def action():
         line, details = stages.convert_with_cache(manifest, layout, manifest.model(name), target)
-    except stages.StageFailed as exc:
-        return TaskFailed(str(exc))
-    print(line)
-    for detail in details:
-        print(f"  {detail}")
-    return None
+        print(line)
+        for detail in details:
+            print(f"  {detail}")
+
+    return as_task_failure(action)
 
 
 def run_export(name: str, target: str) -> TaskFailed | None:
     from pipeline import stages
 
     manifest, layout = context()
-    try:
-        lines = stages.export(manifest, layout, manifest.model(name), target)
-    except stages.StageFailed as exc:
-        return TaskFailed(str(exc))
-    for line in lines:
-        print(line)
-    return None
+
+    def action():
+        for line in stages.export(manifest, layout, manifest.model(name), target):
+            print(line)
+
+    return as_task_failure(action)
 
 
 def run_lock() -> None:

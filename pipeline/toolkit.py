@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from importlib import metadata
+from pipeline.errors import PipelineError
 
 DISTRIBUTION = "rknn-toolkit2"
 _INVALID_OP_TARGET_KEY = re.compile(r"Invalid key of '(?P<key>.*?)' in 'op_target'")
@@ -120,7 +121,7 @@ class Session:
         self.rknn.release()
 
 
-class ToolkitError(RuntimeError):
+class ToolkitError(PipelineError, RuntimeError):
     """A toolkit step failed; ``step`` names it (config, load_onnx, build, ...)."""
 
     def __init__(self, step: str, message: str):

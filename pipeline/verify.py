@@ -48,6 +48,8 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.inputs import channel_count
+from pipeline.errors import PipelineError
+from pipeline.onnx_util import inferred, value_types
 
 DEFAULT_SAMPLES = 4
 DEFAULT_MIN_COSINE = 0.99
@@ -59,7 +61,7 @@ _ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int1
                 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
 
 
-class VerifyError(RuntimeError):
+class VerifyError(PipelineError, RuntimeError):
     """The accuracy check could not run (not: it ran and failed); ``step`` is ``"verify"``."""
 
     step = "verify"
@@ -302,10 +304,10 @@ def reference_model(model, inputs: list[str], outputs: list[str]):
     graph_inputs = {i.name for i in model.graph.input}
     if [o.name for o in model.graph.output] == outputs and set(inputs) <= graph_inputs:
         return model
-    inferred = onnx.shape_inference.infer_shapes(model)
+    typed = inferred(model)
     if not set(inputs) <= graph_inputs:
-        return onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
-    infos = {info.name: info for info in [*inferred.graph.value_info, *inferred.graph.output]}
+        return onnx.utils.Extractor(typed).extract_model(inputs, outputs)
+    infos = {info.name: info for info in [*typed.graph.value_info, *typed.graph.output]}
     missing = [name for name in outputs if name not in infos or not infos[name].type.HasField("tensor_type")]
     if missing:
         raise VerifyError(f"cannot type the cut outputs {missing}: ONNX shape inference does not reach them")
@@ -322,18 +324,11 @@ def _tensor_types(model, inner: bool) -> dict[str, tuple[int, tuple | None]]:
     With ``inner`` (``load_onnx`` named inner tensors as inputs), inner tensors
     typed by ONNX shape inference are included too.
     """
-    import onnx
-
     infos = list(model.graph.input)
     if inner:
-        infos += list(onnx.shape_inference.infer_shapes(model).graph.value_info)
-    types = {}
-    for info in infos:
-        tensor = info.type.tensor_type
-        dims = (tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim)
-                if tensor.HasField("shape") else None)
-        types.setdefault(info.name, (tensor.elem_type, dims))
-    return types
+        infos += list(inferred(model).graph.value_info)
+    return {name: (elem_type, None if shape is None else tuple(shape))
+            for name, (elem_type, shape) in value_types(infos, symbolic=True).items()}
 
 
 def _per_channel(values, index: int, channels: int, default: float) -> np.ndarray:

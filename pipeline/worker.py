@@ -74,9 +74,9 @@ def _add_custom_hybrid_layers(cfg: Path, ranges: list[dict]) -> None:
     ``quantize_parameters``) is kept in float16 via ``custom_quantize_layers``.
     Writing it here means nobody edits the generated file by hand.
     """
-    import difflib
-
     import yaml
+
+    from pipeline.names import nearest
 
     data = yaml.safe_load(cfg.read_text()) or {}
     order = list((data.get("quantize_parameters") or {}).keys())
@@ -85,7 +85,7 @@ def _add_custom_hybrid_layers(cfg: Path, ranges: list[dict]) -> None:
         ends = [item.get("start"), item.get("end") or item.get("start")]
         for name in ends:
             if name not in order:
-                near = ", ".join(difflib.get_close_matches(name or "", order, n=5, cutoff=0.3) or order[:5])
+                near = ", ".join(nearest(name, order, 5, 0.3, fallback=True))
                 raise ValueError(f"quantization.hybrid.custom_layers: '{name}' is not a tensor the toolkit "
                                  f"quantizes (nearest: {near})")
         first, last = sorted(order.index(name) for name in ends)

@@ -28,6 +28,7 @@ from yaml import events as ev
 from yaml.constructor import SafeConstructor
 from yaml.nodes import ScalarNode
 from yaml.resolver import Resolver
+from pipeline.errors import PipelineError
 
 try:  # libyaml's parser is several times faster than the pure-Python one
     from yaml.cyaml import CParser as _FastParser
@@ -48,7 +49,7 @@ _NOT_PRINTABLE = re.compile("[^\t\n\r\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U0001
 Position = tuple  # (line, col), both 1-based
 
 
-class YamlError(ValueError):
+class YamlError(PipelineError, ValueError):
     """Bad YAML input, located at 1-based ``line`` and ``col`` of ``name``."""
 
     def __init__(self, name: str, line: int, col: int, message: str):

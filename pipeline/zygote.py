@@ -82,7 +82,9 @@ class Zygote:
         self.owner = os.getpid()
         self.ready = False
         self._buffer = b""
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        from pipeline.toolkit_envs import worker_environment
+
+        env = worker_environment(python)
         self.proc = subprocess.Popen([python, "-m", "pipeline.zygote", self.build_dir],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      env=env, start_new_session=True, preexec_fn=die_with_parent)

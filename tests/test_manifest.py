@@ -559,3 +559,54 @@ def test_yaml_keeps_data_plain():
 def test_yaml_refuses_hostile_input(text):
     with pytest.raises(YamlError):
         parse_yaml(text)
+
+
+# -- what users naturally write ----------------------------------------------------------
+
+
+def test_verify_true_and_false(workdir):
+    write(workdir, """\
+        version: 1
+        defaults: {targets: [rk3588], verify: {samples: 2}}
+        models:
+          - {name: checked, source: sq.onnx, verify: true}
+          - {name: unchecked, source: sq.onnx, verify: false}
+          - {name: inherited, source: sq.onnx}
+        """)
+    checked, unchecked, inherited = load_manifest("models.yaml").models
+    assert checked["verify"] == inherited["verify"] and checked["verify"]["samples"] == 2  # defaults: verify
+    assert unchecked["verify"] is None
+    write(workdir, "version: 1\nmodels:\n  - {name: a, source: sq.onnx, targets: [rk3588], verify: true}\n")
+    (model,) = load_manifest("models.yaml").models
+    assert model["verify"]["samples"] == 4 and model["verify"]["min_cosine"] == 0.99  # the schema's defaults
+
+
+@pytest.mark.parametrize("name", ["report.html", "report.md"])
+def test_a_model_named_like_a_file_the_build_writes_is_refused(workdir, name):
+    path = write(workdir, f"version: 1\nmodels:\n  - name: {name}\n    source: sq.onnx\n    targets: [rk3588]\n")
+    (problem,) = problems_of(path)
+    assert (problem.line, problem.col) == (3, 11)
+    assert f"model name '{name}' is reserved: the build writes build/{name} itself" in problem.message
+
+
+@pytest.mark.parametrize(("target", "dtype"), sorted(platforms.ABORTS))
+def test_a_dtype_that_aborts_the_toolkit_is_refused_at_load(workdir, target, dtype):
+    path = write(workdir, f"""\
+        version: 1
+        models:
+          - name: a
+            source: sq.onnx
+            targets: [{target}]
+            quantization: {{dataset: calib/ds.txt, dtype: {dtype}}}
+        """)
+    (problem,) = problems_of(path)
+    assert problem.line == 5
+    assert f"{target} cannot build quantization dtype {dtype}: config() accepts it, then the toolkit's " \
+           "compiler aborts the whole process in build()" in problem.message
+    assert "(measured 2.5.0)" not in problem.message and "measured 2.5.0" in problem.message
+
+
+def test_an_intermittent_crash_is_retried_not_refused():
+    model = {"quantization": {"dataset": "d", "dtype": "w8a16"}}
+    assert platforms.check_target_options("rk3562", model) == []
+    assert platforms.attempts("rk3562", model) == 3 and platforms.attempts("rk3588", {"quantization": None}) == 1
