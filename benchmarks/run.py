@@ -1072,8 +1072,9 @@ class Benchmark:
         env["UV_CACHE_DIR"] = str(uv_cache)
         python = sys.executable
         if self.config.tiny:
-            # a smoke run: no fresh machine (that downloads gigabytes); the user's warm uv cache instead
+            # a smoke run: no fresh machine (that downloads gigabytes); the user's uv cache, warmed first
             env.pop("UV_CACHE_DIR")
+            self.make_toolkit_env(python, self.scratch.path("toolkits-warm-up"), env)
         else:
             progress(f"{section}: `uv sync --locked` of a copy of the project into an empty uv cache (CI's install)")
             project = self.scratch.path("ci-project")
