@@ -1112,11 +1112,14 @@ class Benchmark:
         one = dict(both, models=both["models"][:1])
         build_env = dict(env, **{TOOLKITS_ENV: str(toolkits)})
         walls: dict[str, list[float]] = {"one": [], "both": []}
+        cpus: dict[str, list[float]] = {"one": [], "both": []}
         for run in range(self.config.repeat):
             progress(f"{section}: build with one and with two toolkit versions, run {run + 1}/{self.config.repeat}")
             for label, manifest in (("one", one), ("both", both)):
                 ws = self.scratch.workspace(f"toolkits-{label}", manifest)
+                cpu = children_cpu()
                 seconds, output = self.scratch.doit(ws, env=build_env)
+                cpus[label].append(children_cpu() - cpu)
                 names = [model["name"] for model in manifest["models"]]
                 if sorted(converted(output)) != sorted(f"{name}@rk3588" for name in names):
                     raise BenchmarkError(f"the {label}-version build converted {converted(output)}")
@@ -1129,6 +1132,8 @@ class Benchmark:
                  "s", walls["both"])
         self.add(section, f"extra seconds for the {EXTRA_TOOLKIT} model", "s",
                  [b - o for b, o in zip(walls["both"], walls["one"])])
+        self.add(section, f"extra CPU seconds for the {EXTRA_TOOLKIT} model (all processes of the build)", "s",
+                 [b - o for b, o in zip(cpus["both"], cpus["one"])])
         cold = ("On a fresh machine (full run only, once: it downloads gigabytes) a copy of the project is "
                 "synced with `uv sync --locked` into an empty `UV_CACHE_DIR`, as `.ci/run` does, then "
                 f"`python_for(\"{EXTRA_TOOLKIT}\")` creates that version's environment in an empty "
@@ -1138,7 +1143,9 @@ class Benchmark:
                   "directory each run, from a uv cache that has everything; \"again\" is a second call in the "
                   "same process, which finds the environment. Unshared disk counts the environment's files "
                   "with one link only (uv hardlinks the rest from its cache). The builds are whole cold `doit` "
-                  "runs in fresh workspaces with the environment already made; each run's two-version files "
+                  "runs in fresh workspaces with the environment already made (the extra wall time is noisy on a "
+                  "shared machine; the extra CPU time, mostly the second toolkit's import in its own zygote, "
+                  "much less); each run's two-version files "
                   "are read back with `pipeline.rknn_file` and must name the toolkit asked for.")
 
     def make_toolkit_env(self, python: str, toolkits: Path, env: dict) -> dict:
