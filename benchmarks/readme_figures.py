@@ -62,6 +62,12 @@ FIGURES: dict[str, Figure] = {
     "large.analyze": Figure("7 large model", "`analyze()`", 2),
     "large.rss": Figure("7 large model", "peak RSS of the analysing process", 2),
     "large.onnx_load": Figure("7 large model", "reference: peak RSS of `onnx.load()`", 3),
+    "toolkits.sync": Figure("10 toolkit versions", "fresh machine: `uv sync --locked`", 2),
+    "toolkits.cold": Figure("10 toolkit versions", "fresh machine: create the", 2),
+    "toolkits.download": Figure("10 toolkit versions", "uv cache growth", 2),
+    "toolkits.warm": Figure("10 toolkit versions", "create the", 2),
+    "toolkits.disk": Figure("10 toolkit versions", "disk of the", 1),
+    "toolkits.build_cpu": Figure("10 toolkit versions", "extra CPU seconds", 2),
 }
 
 
