@@ -53,13 +53,17 @@ GNU_TIME = Path("/usr/bin/time")
 BENCH_MODELS = ("inception_v2", "inception_v2_int8", "densenet121", "shufflenet")
 PARALLEL_TARGETS = ("rk3588", "rk3576", "rk3566", "rk3562")  # all convert float16 models
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore",
-            "6 scale", "7 large model", "8 worker model", "9 shapes", "10 toolkit versions")
+            "6 scale", "7 large model", "8 worker model", "9 shapes", "10 repair", "11 shards",
+            "12 toolkit versions")
 # sections measured on section 1's build (see Benchmark.run)
 NEEDS_BUILD = ("1 cold build", "2 no-op rebuild", "3 one changed", "5 cache restore", "6 scale")
-SHAPE_MODELS = ("rec", "rec_dynamic")  # models.yaml entries: one recogniser as buckets and as one dynamic model
-EXTRA_TOOLKIT = "2.3.2"  # the second rknn-toolkit2 version section 10 builds with, in its own environment
+SHAPE_MODELS = ("rec", "rec_dynamic")
+# models.yaml entries measured by "10 repair": the generated outlier case, and a bigger example model
+# (constant-fill weights) quantized for rk3588 with the int8 entry's dataset
+REPAIR_MODELS = ("outlier_repaired", "inception_v2")  # models.yaml entries: one recogniser as buckets and as one dynamic model
+EXTRA_TOOLKIT = "2.3.2"  # the second rknn-toolkit2 version section 12 builds with, in its own environment
 TOOLKITS_ENV = "RKNN_PIPELINE_TOOLKITS"
-# what `uv sync --locked` needs of a checkout (section 10 syncs a copy into a fresh uv cache, as CI does)
+# what `uv sync --locked` needs of a checkout (section 12 syncs a copy into a fresh uv cache, as CI does)
 PROJECT_FILES = ("pyproject.toml", "uv.lock", "README.md", "pipeline", "schema")
 
 
@@ -179,8 +183,9 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 
 def converted(output: str) -> list[str]:
-    """model@target of every convert task doit ran (not the up-to-date ones)."""
-    return re.findall(r"^\.  convert:(\S+)$", output, flags=re.M)
+    """model@target of every convert task doit ran (not the up-to-date ones), from the pipeline's
+    reporter (``[3/11] convert det@rk3588 ...``) or doit's console one (``.  convert:det@rk3588``)."""
+    return re.findall(r"^(?:\.  convert:|\[\d+/\d+\] convert )(\S+?)(?: \(about .*\))?$", output, flags=re.M)
 
 
 def cache_hits(output: str) -> int:
@@ -695,7 +700,7 @@ class Benchmark:
             if wanted(SECTIONS[2]):
                 self.timed(self.one_changed, built)
         figures = (self.parallel, self.cache_restore, self.scale, self.large_model, self.worker_model, self.shapes,
-                   self.toolkit_versions)
+                   self.repair, self.shards, self.toolkit_versions)
         for section, figure in zip(SECTIONS[3:], figures):
             if wanted(section):
                 self.timed(figure)
@@ -730,7 +735,7 @@ class Benchmark:
         self.add(section, f"pipeline: `doit` in a fresh workspace, {count} model x target", "s", self.cold)
         self.add(section, "hand-written loop: one process, same toolkit arguments", "s", self.hand)
         self.add(section, "ratio pipeline / hand loop (goal <= 1.10)", "x", ratios(self.cold, self.hand))
-        self.add(section, "toolkit import in a fresh process (pipeline: once per conversion; loop: once)", "s",
+        self.add(section, "toolkit import in a fresh process (pipeline: once, in its zygote; loop: once)", "s",
                  imports)
         origin = "generated" if self.config.tiny else "from models.yaml; its other entries are left out for time"
         self.note(section, f"Models: {names} ({origin}), without `verify` (the peers do no accuracy check). "
@@ -739,12 +744,11 @@ class Benchmark:
                            "file the pipeline resolved, and runs `RKNN(verbose=True)` -> config -> load_onnx -> "
                            "build -> export_rknn for each model in one Python process, its output in a log file "
                            "like the pipeline's `convert.log`. The pipeline's time includes analysis, resolution, "
-                           "one worker process (and toolkit import) per conversion, export, lock and report.")
+                           "one toolkit import (in the zygote that forks a worker per conversion), export, lock and report.")
         gap = statistics.median(self.cold) - statistics.median(self.hand)
-        self.note(section, f"The pipeline imports the toolkit {count - 1} more times than the loop (about "
-                           f"{statistics.median(imports):.1f} s each), but starts each next worker while the "
-                           f"current conversion runs, so most of that import time overlaps on the second core; "
-                           f"the remaining difference is {gap:.0f} s.")
+        self.note(section, f"Both import the toolkit once (about {statistics.median(imports):.1f} s); the pipeline "
+                           f"starts that import when the first analysis is done, so doit's own start-up comes "
+                           f"first. The difference is {gap:.1f} s; section 8 compares forked and fresh workers.")
         return built
 
     # 2 -------------------------------------------------------------------------------------------
@@ -818,7 +822,7 @@ class Benchmark:
         self.add(section, "`doit -n 2 -P process`", "s", timings["parallel"])
         self.add(section, "speed-up -n 1 / -n 2", "x", ratios(timings["serial"], timings["parallel"]))
         if rss:
-            self.add(section, "peak RSS per worker interpreter (a zygote, or a fresh worker after a fallback)",
+            self.add(section, "peak RSS per conversion worker interpreter (the zygote of each task process)",
                      "MiB", rss)
         how = "GNU time's %M" if os.access(GNU_TIME, os.X_OK) else "getrusage(RUSAGE_CHILDREN).ru_maxrss"
         self.note(section, f"Conversions: {pairs} (the generated Conv+AveragePool 1x3x16x16 model, float16, "
@@ -936,10 +940,9 @@ class Benchmark:
             manifests = {"tiny manifest": self.manifest, "4 tiny pairs": parallel_manifest()}
         fresh_env = dict(self.scratch.env, RKNN_PIPELINE_WORKER="fresh")
         memory: dict[tuple[str, str], list[float]] = {}
-        floor: dict[str, list[float]] = {"serial_cpu": [], "parallel": []}
         for label, manifest in manifests.items():
             count = len(pairs_of(manifest))
-            times: dict[str, list[float]] = {"fork": [], "fresh": [], "hand": []}
+            times: dict[str, list[float]] = {"fork": [], "fresh": [], "hand": [], "serial_cpu": [], "parallel": []}
             peers = None
             for run in range(self.config.repeat):
                 progress(f"{section}: {label}, run {run + 1}/{self.config.repeat}")
@@ -959,24 +962,23 @@ class Benchmark:
                 times["hand"].append(run_hand_loop(self.scratch, peers, run))
                 seconds, _ = self.scratch.doit(self.scratch.workspace("worker-fresh", manifest), env=fresh_env)
                 times["fresh"].append(seconds)
-                if label == list(manifests)[-1]:
-                    floor["serial_cpu"].append(cpu)
-                    seconds, output = self.scratch.doit(self.scratch.workspace("worker-n2", manifest),
-                                                        "-n", "2", "-P", "process")
-                    if len(converted(output)) != count:
-                        raise BenchmarkError(f"the -n 2 build converted {converted(output)}")
-                    floor["parallel"].append(seconds)
+                times["serial_cpu"].append(cpu)
+                seconds, output = self.scratch.doit(self.scratch.workspace("worker-n2", manifest),
+                                                    "-n", "2", "-P", "process")
+                if len(converted(output)) != count:
+                    raise BenchmarkError(f"the -n 2 build converted {converted(output)}")
+                times["parallel"].append(seconds)
             self.add(section, f"{label} ({count} pairs): `doit`, forked workers (default)", "s", times["fork"])
             self.add(section, f"{label}: `doit` with RKNN_PIPELINE_WORKER=fresh", "s", times["fresh"])
             self.add(section, f"{label}: hand-written loop", "s", times["hand"])
             self.add(section, f"{label}: ratio forked / hand loop (goal <= 1.0)", "x",
                      ratios(times["fork"], times["hand"]))
             self.add(section, f"{label}: ratio fresh / hand loop", "x", ratios(times["fresh"], times["hand"]))
-        last = list(manifests)[-1]
-        cpu_floor = [cpu / 2 for cpu in floor["serial_cpu"]]
-        self.add(section, f"{last}: `doit -n 2 -P process`, forked workers", "s", floor["parallel"])
-        self.add(section, f"{last}: 2-core CPU floor (CPU seconds of the serial run / 2)", "s", cpu_floor)
-        self.add(section, f"{last}: ratio `-n 2` / CPU floor (goal <= 1.1)", "x", ratios(floor["parallel"], cpu_floor))
+            cpu_floor = [cpu / 2 for cpu in times["serial_cpu"]]
+            self.add(section, f"{label}: `doit -n 2 -P process`, forked workers", "s", times["parallel"])
+            self.add(section, f"{label}: 2-core CPU floor (CPU seconds of the serial run / 2)", "s", cpu_floor)
+            self.add(section, f"{label}: ratio `-n 2` / CPU floor (goal <= 1.1)", "x",
+                     ratios(times["parallel"], cpu_floor))
         names = {"zygote": "each zygote", "child": "each forked child (one per conversion)"}
         for (role, key), samples in memory.items():
             if samples:
@@ -1062,11 +1064,124 @@ class Benchmark:
                            "over the verify samples: the two calibration images, resized to each width (for the "
                            "dynamic model too, although the toolkit calibrates it at the largest width only).")
 
+    # 11 ------------------------------------------------------------------------------------------
+    def shards(self) -> None:
+        """Shard balance on real graphs (first from size estimates, then from recorded durations), and the
+        cost of a plan that finds everything cached."""
+        section = SECTIONS[10]
+        cache = self.scratch.path("shard-cache")
+        balance: dict[str, list[float]] = {}
+        rounds = (("estimates", 0.5), ("recorded durations", 0.6))
+        for round_, (basis, min_cosine) in enumerate(rounds[:1] if self.config.tiny else rounds):
+            manifest = shard_manifest(min_cosine, self.config.tiny)
+            env = dict(self.scratch.env, **{CACHE_ENV: str(cache), "RKNN_PIPELINE_RUN": f"bench-{round_}"})
+            ws = self.scratch.workspace("shard-plan", manifest)
+            _, output = self.scratch.run([sys.executable, "-m", "pipeline.ci", "plan", "--shards", "3"], ws,
+                                         "plan", env)
+            matrix = json.loads(output.strip().splitlines()[-1])["include"]
+            work, walls = [], []
+            for entry in matrix:  # one after the other: the shards of a CI run do not share 2 cores
+                ws = self.scratch.workspace("shard", manifest)
+                progress(f"{section}: {basis}, shard {entry['shard']} ({entry['pairs']} pairs)")
+                seconds, output = self.scratch.doit(ws, f"shard={entry['shard']}", env=env)
+                if len(converted(output)) != entry["pairs"]:
+                    raise BenchmarkError(f"shard {entry['shard']} converted {converted(output)}")
+                walls.append(seconds)
+                work.append(sum(json.loads(p.read_text())["seconds"] for p in ws.glob("build/*/*/convert.json")))
+            pairs = sum(entry["pairs"] for entry in matrix)
+            balance.setdefault(f"conversions, plan from {basis}", []).append(max(work) / (sum(work) / 3))
+            balance.setdefault(f"whole `doit shard=I/3` runs, plan from {basis}", []).append(
+                max(walls) / (sum(walls) / 3))
+            self.add(section, f"{pairs} pairs, plan from {basis}: conversion time per shard, longest", "s",
+                     [max(work)])
+            self.add(section, f"{pairs} pairs, plan from {basis}: conversion time per shard, shortest", "s",
+                     [min(work)])
+        for label, values in balance.items():
+            self.add(section, f"balance N=3 (longest / (total / 3)), {label}", "x", values)
+        ws = self.scratch.workspace("shard-noop", noop_plan_manifest(25 if self.config.tiny else 250))
+        warm = self.scratch.path("shard-noop-cache")
+        env = dict(self.scratch.env, **{CACHE_ENV: str(warm)})
+        self.scratch.run([sys.executable, "-c", MARK_ALL], ws, "mark", env)
+        times = []
+        for _ in range(self.config.repeat):
+            seconds, output = self.scratch.run([sys.executable, "-m", "pipeline.ci", "plan"], ws, "plan", env)
+            if json.loads(output.strip().splitlines()[-1]) != {"include": []}:
+                raise BenchmarkError(f"the warm plan was not empty: {output[-500:]}")
+            times.append(seconds)
+        self.add(section, f"`python -m pipeline.ci plan`, {100 if self.config.tiny else 1000} pairs, all cached "
+                          "(local cache dir)", "s", times)
+        self.note(section, "Balance: a manifest of the example graphs (inception_v2, densenet121, shufflenet "
+                           "for rk3588, rk3576 and rk3566, and inception_v2 in int8 for two targets: 11 pairs), "
+                           "`python -m pipeline.ci plan --shards 3` against an empty cache, then each "
+                           "`doit shard=I/3` in its own fresh workspace, one after another (on this shared "
+                           "2-core machine concurrent shards would time each other). A shard's time is the sum of "
+                           "its conversions' own times (convert.json); the whole-run ratio adds each shard's "
+                           "toolkit import and analysis. The second round changes verify's threshold, so every "
+                           "pair is missing again while the durations the first round recorded in the cache "
+                           "drive the split. One run per round. No-op plan: 250 copies of the tiny model for 4 "
+                           "targets, every pair marked as built in a local cache; the figure is the whole "
+                           "process (interpreter start, manifest load, hashing, 1000 cache lookups).")
 
+
+    # 10 ------------------------------------------------------------------------------------------
+    def repair(self) -> None:
+        """quantization.repair against plain int8 and float16: accuracy, cost of the search, speed and size."""
+        section = SECTIONS[9]
+        manifest = yaml.safe_load((REPO / "models.yaml").read_text())
+        by_name = {m["name"]: m for m in manifest["models"]}
+        repair = by_name["outlier_repaired"]["quantization"]["repair"]
+        for base in REPAIR_MODELS:
+            model = copy.deepcopy(by_name[base])
+            if not model.get("quantization"):
+                model["quantization"] = copy.deepcopy(by_name["inception_v2_int8"]["quantization"])
+            model["targets"] = ["rk3588"]
+            quant = {k: v for k, v in model["quantization"].items() if k != "repair"}
+            variants = {  # verify min_cosine -1: the plain builds must finish so their cosine can be read
+                "int8": {**model, "name": f"{base}-int8", "quantization": quant, "verify": {"min_cosine": -1}},
+                "float16": {**model, "name": f"{base}-float16", "quantization": None, "verify": {"min_cosine": -1}},
+                "repair": {**model, "name": f"{base}-repair", "quantization": {**quant, "repair": repair}},
+            }
+            figures: dict[str, dict[str, list[float]]] = {way: {} for way in variants}
+            for run in range(self.config.repeat):
+                progress(f"{section}: {base}, run {run + 1}/{self.config.repeat}")
+                ws = self.scratch.workspace(f"repair-{base}", {**manifest, "models": list(variants.values())})
+                for way, entry in variants.items():
+                    self.scratch.doit(ws, f"export:{entry['name']}@rk3588")
+                    sidecar = json.loads((ws / "dist" / "rk3588" / f"{entry['name']}.json").read_text())
+                    record = json.loads((ws / "build" / entry["name"] / "rk3588" / "convert.json").read_text())
+                    found = figures[way]
+                    found.setdefault("cos", []).append(min(o["cosine"] for o in sidecar["verify"]["outputs"]))
+                    found.setdefault("seconds", []).append(record["seconds"])
+                    found.setdefault("size", []).append(sidecar["rknn"]["size"])
+                    found.setdefault("cycles", []).append(sidecar["placement"]["total_cycles"])
+                    found.setdefault("float", []).append(len((sidecar.get("repair") or {}).get("float_layers") or []))
+            label = f"{base} (rk3588)"
+            self.add(section, f"{label}: cosine, plain int8", "cos", figures["int8"]["cos"])
+            self.add(section, f"{label}: cosine, repaired", "cos", figures["repair"]["cos"])
+            self.add(section, f"{label}: cosine, float16", "cos", figures["float16"]["cos"])
+            self.add(section, f"{label}: float16 layers the repair chose", "layers", figures["repair"]["float"])
+            self.add(section, f"{label}: repair's conversion time / one plain int8 conversion", "x",
+                     ratios(figures["repair"]["seconds"], figures["int8"]["seconds"]))
+            for other in ("int8", "float16"):
+                self.add(section, f"{label}: .rknn size, repaired / {other}", "x",
+                         ratios(figures["repair"]["size"], figures[other]["size"]))
+                self.add(section, f"{label}: estimated cycles, repaired / {other}", "x",
+                         ratios(figures["repair"]["cycles"], figures[other]["cycles"]))
+        self.note(section, f"Each model of {', '.join(REPAIR_MODELS)} built three ways for rk3588 in one fresh "
+                           f"workspace per run: plain int8 (w8a8), float16, and int8 with `quantization: {{repair: "
+                           f"{{min_cosine: {repair['min_cosine']}, max_float_layers: {repair['max_float_layers']}}}}}`. "
+                           "Cosine is the worst output's, simulator against onnxruntime on the verify samples. "
+                           "Conversion times are the workers' own (convert.json: build, export, verify, and for the "
+                           "repair its analyses and rebuilds). Cycles are the compiler's estimate summed over the "
+                           "layer table, not a measurement on a board. inception_v2's weights are constant fills "
+                           "(examples/models/README.md), so plain int8 already passes there: the figures show what "
+                           "repair costs when nothing needs repairing.")
+
+    # 12 ------------------------------------------------------------------------------------------
     def toolkit_versions(self) -> None:
         """What a second rknn-toolkit2 version costs: its environment cold (a fresh machine, as CI) and
         warm, its disk, and a build of one model with both versions against one with the installed one."""
-        section = SECTIONS[9]
+        section = SECTIONS[11]
         uv_cache = self.scratch.path("uv-cache")
         env = {k: v for k, v in self.scratch.env.items() if k not in ("VIRTUAL_ENV", TOOLKITS_ENV)}
         env["UV_CACHE_DIR"] = str(uv_cache)
@@ -1153,6 +1268,43 @@ class Benchmark:
         _, text = self.scratch.run([python, "-c", CREATE_TOOLKIT_ENV, EXTRA_TOOLKIT], REPO, "toolkit-env",
                                    dict(env, **{TOOLKITS_ENV: str(toolkits)}))
         return json.loads(text.strip().splitlines()[-1])
+
+
+SHARD_TARGETS = ["rk3588", "rk3576", "rk3566"]
+
+# Marks every pair of ./models.yaml as built in the cache, as shards would after converting them.
+MARK_ALL = """
+from pipeline import shard
+from pipeline.manifest import load_manifest
+manifest = load_manifest("models.yaml")
+store = shard.store_for(manifest)
+for model in manifest.models:
+    for target in model["targets"]:
+        shard.record_built(store, manifest, model, target, "0" * 64, {"seconds": 1.0}, True)
+"""
+
+
+def shard_manifest(min_cosine: float, tiny: bool = False) -> dict:
+    defaults = {"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]], "verify": {"samples": 1, "min_cosine": min_cosine}}
+    if tiny:
+        return {"version": 1, "defaults": defaults, "models": [
+            {"name": "t", "source": "examples/models/tiny_pool_identity.onnx", "targets": SHARD_TARGETS,
+             "inputs": {"x": [1, 3, 32, 32]}}]}
+    graphs = (("inception_v2", "light_inception_v2.onnx", "data_0"), ("densenet121", "light_densenet121.onnx", "data_0"),
+              ("shufflenet", "light_shufflenet.onnx", "gpu_0/data_0"))
+    models = [{"name": name, "source": f"examples/models/{file}", "targets": SHARD_TARGETS,
+               "inputs": {tensor: [1, 3, 224, 224]}} for name, file, tensor in graphs]
+    models.append({"name": "inception_v2_int8", "source": "examples/models/light_inception_v2.onnx",
+                   "targets": SHARD_TARGETS[:2], "inputs": {"data_0": [1, 3, 224, 224]},
+                   "quantization": {"dataset": "examples/calib/inception_v2.txt", "dtype": "w8a8"}})
+    return {"version": 1, "defaults": defaults, "models": models}
+
+
+def noop_plan_manifest(models: int) -> dict:
+    return {"version": 1, "models": [
+        {"name": f"m{i}", "source": "examples/models/tiny_pool_identity.onnx",
+         "targets": ["rk3588", "rk3576", "rk3566", "rk3562"], "inputs": {"x": [1, 3, 32, 32]}}
+        for i in range(models)]}
 
 
 # Run with the project's python: times the creation of one toolkit version's environment, then a reuse.

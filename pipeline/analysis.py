@@ -30,9 +30,9 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 from pipeline.errors import PipelineError
+from pipeline.formats import ANALYSIS_FORMAT
 from pipeline.onnx_util import DEFAULT_DOMAINS, dims, inferred, opset
 
-ANALYSIS_FORMAT = 1
 _KEEP_ELEMENTS = 1024  # initializers up to this size keep their values for shape propagation
 _CONSTANT_ELEMENTS = 16  # constant inputs up to this size are recorded beside the attributes
 

@@ -28,7 +28,9 @@ from pathlib import Path
 
 from pipeline import files
 from pipeline.layer_table import parse_layer_table, summarize
+from pipeline.formats import CONVERT_FORMAT
 from pipeline.layout import PairLayout
+from pipeline.records import CONVERT
 from pipeline.errors import PipelineError
 
 # rknn.config() keys fed from the manifest's quantization block.
@@ -151,6 +153,7 @@ def make_job(model: dict, target: str, resolved: dict, pair: PairLayout | Path, 
         "load_onnx": args["load_onnx"],
         "build": args["build"],
         "hybrid": quant.get("hybrid"),
+        "repair": _repair_job(quant.get("repair"), resolved.get("repair")),
         "op_target": resolved.get("op_target") or {},
         "op_target_nodes": {key: [item["node"], item.get("output_index", 0)]
                             for key, item in (resolved.get("explanations") or {}).items()},
@@ -164,6 +167,20 @@ def make_job(model: dict, target: str, resolved: dict, pair: PairLayout | Path, 
         "rknn_path": str(pair.partial_rknn),
         "result_path": str(pair.worker_result),
     }
+
+
+def _repair_job(settings: dict | None, choice: dict | None) -> dict | None:
+    """The worker's repair settings, with an earlier search's choice to start from (``reuse``).
+
+    ``choice`` is what resolved.json records after a repair; the caller passes
+    it only when it was made for these same inputs (see :mod:`pipeline.stages`).
+    """
+    if not settings:
+        return None
+    job = {"min_cosine": settings["min_cosine"], "max_float_layers": settings["max_float_layers"]}
+    if choice and choice.get("float_tensors"):
+        job.update(reuse=choice["float_tensors"], cosine_before=choice.get("cosine_before"))
+    return job
 
 
 def worker_python(job: dict | None = None) -> str:
@@ -274,8 +291,13 @@ atexit.register(_Zygotes.close_all)
 def prestart_worker(job: dict) -> None:
     """Start the zygote for ``job``'s interpreter now, so the toolkit's import overlaps the tasks that
     run before the first conversion (analysis, resolution). No-op in ``fresh`` mode or when running."""
-    if (os.environ.get("RKNN_PIPELINE_WORKER") or "fork") == "fork":
-        _Zygotes.get(worker_python(job), Path(job["workdir"]).parents[2])
+    if (os.environ.get("RKNN_PIPELINE_WORKER") or "fork") != "fork":
+        return
+    try:
+        python = worker_python(job)
+    except ConversionFailed:  # best effort: the conversion itself reports it
+        return
+    _Zygotes.get(python, Path(job["workdir"]).parents[2])
 
 
 class _Standby:
@@ -518,6 +540,7 @@ def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> di
     log_text = log_path.read_text(errors="replace")
     layers = parse_layer_table(log_text)
     record = {
+        "format": CONVERT_FORMAT,
         "model": model["name"],
         "target": target,
         "ok": bool(result.get("ok")),
@@ -527,6 +550,7 @@ def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> di
         "remaps": result.get("remaps", []),
         "seconds": result.get("seconds"),
         "verify": result.get("verify"),
+        "repair": result.get("repair"),
         "placement": summarize(layers) if layers else None,
         "diagnostics": reconcile(diagnostics.explain_log(log_text), result, layers),
     }
@@ -535,6 +559,8 @@ def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> di
     partial = Path(job["rknn_path"])
     verify = result.get("verify")
     analysis = _record_accuracy(result.get("accuracy"), pair, record)
+    if result.get("ok"):
+        _check_float_layers(result, layers)
     if result.get("ok") and verify and not verify.get("passed"):
         from pipeline.accuracy import failure_lines
 
@@ -548,12 +574,37 @@ def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> di
         record["error"] = result.get("error") or "the toolkit produced no model"
         record["step"] = result.get("step")
         record["toolkit_error_lines"] = diagnostics.error_lines(log_text)
-        files.atomic_write_json(pair.convert_record, record)
+        CONVERT.write(pair.convert_record, record)
         raise ConversionFailed(failure_message(record, log_path))
     files.atomic_write_json(pair.placement, layers)
-    files.atomic_write_json(pair.convert_record, record)
+    CONVERT.write(pair.convert_record, record)
     os.replace(partial, pair.rknn)
     return record
+
+
+def _check_float_layers(result: dict, layers: list[dict]) -> None:
+    """Fail the result if a layer asked to stay in float16 (by hand or by the repair) was built in int8.
+
+    The toolkit's layer table is the judge, not our own log line: a name in
+    ``custom_quantize_layers`` that the toolkit accepts and then ignores (e.g.
+    the input's int8 conversion) would otherwise pass silently.
+    """
+    from pipeline.repair import unfloated_layers
+
+    asked = result.get("float_asked") or {}
+    if not asked:
+        return
+    if not layers:
+        result.update(ok=False, step="hybrid", error="hybrid quantization: the build log has no layer table, so "
+                                                     "the layers kept in float cannot be checked")
+        return
+    wrong = unfloated_layers(asked, layers)
+    if wrong:
+        listing = "; ".join(f"tensor '{item['tensor']}' -> layer {item['layer']} ({item['op_type']}) is "
+                            f"{item['dtype']}" for item in wrong)
+        result.update(ok=False, step="hybrid",
+                      error=f"hybrid quantization: {len(wrong)} layer(s) asked to stay in float16 were built in "
+                            f"int8: {listing}. Keep other tensors in float (the table shows each layer's type)")
 
 
 def _run_with_retries(model: dict, target: str, job: dict, log_path: Path) -> tuple[dict, int]:

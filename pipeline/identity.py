@@ -143,6 +143,8 @@ def key_document(model: dict, target: str, resolved: dict, *, base: Path,
         "rewrites": [{k: v for k, v in item.items() if k != "path"} for item in resolved.get("rewrites") or []],
         "hybrid": quant.get("hybrid"),
         "repair": quant.get("repair"),
+        # the float layers an earlier repair search chose for these same inputs (stages.repair_choice)
+        "repair_choice": (resolved.get("repair") or {}).get("float_tensors"),
         "verify": model.get("verify"),
         "verify_shapes": model.get("shape_sets"),
         "versions": conversion_versions(model, target),

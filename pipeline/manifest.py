@@ -368,6 +368,7 @@ def _message(error, path: tuple) -> str:
         "minProperties": lambda: _min_properties_message(label, error.schema),
         "minimum": lambda: f"{label} must be at least {rule}, got {value!r}",
         "maximum": lambda: f"{label} must be at most {rule}, got {value!r}",
+        "exclusiveMinimum": lambda: f"{label} must be above {rule}, got {value!r}",
     }
     make = messages.get(error.validator)
     return make() if make else f"{label}: {error.message}"
@@ -628,10 +629,31 @@ class _Checker:
             self.check_quantization(model, infos)
         if graph is not None and self.clean(model, "inputs", "outputs", "quantization", "mean_values", "std_values"):
             self.check_tensor_names(model, graph)
+        if (self.clean(model, "quantization", "targets", "verify") and isinstance(model["quantization"], dict)
+                and model["quantization"].get("repair")):
+            self.check_repair(model)
         if model.get("toolkit") and self.clean(model, "targets", "toolkit"):
             self.check_toolkit(model)
         if model.get("runtime") and self.clean(model, "targets", "runtime", "allow_newer_toolkit", "toolkit"):
             self.check_runtime(model)
+
+    def check_repair(self, model: dict) -> None:
+        """quantization.repair needs the accuracy check, no second chooser, and float16 hybrid layers."""
+        from pipeline.repair import NO_FLOAT16_HYBRID
+
+        where = ("quantization", "repair")
+        if model["verify"] is None:
+            message = ("repair measures each rebuild with the accuracy check, which is off: add "
+                       "verify: {min_cosine: ...} (or remove verify: null)")
+            self.report.add_model(model, *where, message=message)
+        if model["quantization"].get("auto_hybrid"):
+            message = "repair and auto_hybrid both choose float layers: keep one"
+            self.report.add_model(model, *where, message=message)
+        refused = [target for target in model["targets"] if target in NO_FLOAT16_HYBRID]
+        if refused:
+            message = (f"repair keeps layers in float16, which the toolkit refuses in hybrid quantization for "
+                       f"{', '.join(refused)} (it accepts only int8/int16 there): build those targets without repair")
+            self.report.add_model(model, *where, message=message)
 
     def check_toolkit(self, model: dict) -> None:
         """A per-model toolkit must be one PyPI has for this Python (or the installed one), for a built target."""
@@ -1036,6 +1058,15 @@ def _file_problem(path: str) -> str | None:
     if stat.S_ISDIR(mode):
         return "is a directory, not a file"
     return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def node_count(path: str) -> int | None:
+    """How many nodes an ONNX file has, from the memoised graph facts (None if it cannot be read).
+
+    The shard planner's size estimate for a graph never converted (pipeline.shard).
+    """
+    graph = _onnx_graph(path)
+    return len(graph.nodes) if isinstance(graph, _Graph) else None
 
 
 def _onnx_graph(path: str) -> _Graph | str:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import fnmatch
 from collections import defaultdict
 from pathlib import Path
+from pipeline.actions import ACTIONS
 from pipeline.errors import PipelineError
+from pipeline.formats import RESOLUTION_FORMAT
 from pipeline.names import nearest
 
-RESOLUTION_FORMAT = 1
-ACTIONS = ("npu", "cpu", "rewrite")
 
 
 class ResolutionError(PipelineError, ValueError):
@@ -93,31 +93,10 @@ def nearest_candidates(nodes: list[dict], match: dict, limit: int = 5) -> str:
 
 
 def _check_action(action: str, node: dict, target: str, rules, where: str) -> None:
-    """Refuse what cannot work on ``target``: CPU placement its CPU runtime cannot run, rewrite of non-pools."""
-    if action == "cpu" and not rules.cpu_can_run(node["op_type"], target):
-        raise ResolutionError(
-            f"{where}: action cpu on {target}: the {target} CPU runtime cannot run {node['op_type']} "
-            f"(node '{node['name']}'); the model would fail on the board. Use action: npu or rewrite, "
-            f"or restrict the override with targets:")
-    if action == "rewrite" and node["op_type"] != "AveragePool":
-        raise ResolutionError(f"{where}: action rewrite is defined for AveragePool only; node "
-                              f"'{node['name']}' is {node['op_type']}")
-
-
-def _forced_npu_warning(index: int, nodes: list[dict], target: str) -> str | None:
-    """One warning per override for nodes forced onto an NPU whose constraints they break.
-
-    Allowed (it is the documented workaround) but the NPU may compute them
-    differently, e.g. AveragePool borders with count_include_pad=1 semantics.
-    """
-    breaking = [n for n in nodes if n["predicted"]["placement"] in ("cpu", "unsupported")]
-    if not breaking:
-        return None
-    reasons = sorted({n["predicted"]["reason"] for n in breaking})
-    hint = " Consider action: rewrite, which is exact." if all(n["op_type"] == "AveragePool" for n in breaking) else ""
-    return (f"overrides[{index}]: {len(breaking)} node(s) forced onto the {target} NPU break its constraints "
-            f"({'; '.join(reasons)}): {', '.join(n['name'] for n in breaking)}. On the NPU they may compute "
-            f"different values.{hint}")
+    """Refuse what the action cannot do to ``node`` on ``target`` (see :mod:`pipeline.actions`)."""
+    problem = ACTIONS[action].problem(node, target, rules)
+    if problem:
+        raise ResolutionError(f"{where}: {problem}")
 
 
 def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict | None = None,
@@ -161,21 +140,22 @@ def resolve(model: dict, target: str, analysis: dict, rules, *, locations: dict 
                                       f"with action {earlier[0]}; make the selectors disjoint")
             _check_action(action, node, target, rules, where)
             chosen[node["index"]] = (action, index)
-        if action == "npu":
-            warnings += filter(None, [_forced_npu_warning(index, selected, target)])
+        warnings += filter(None, [ACTIONS[action].warning(index, selected, target)])
         applied.append({"override": index, "action": action, "targets": override.get("targets"),
                         "nodes": [node["name"] for node in selected]})
 
     op_target: dict[str, str] = {}
     explanations: dict[str, dict] = {}
-    rewrite_nodes: list[str] = []
+    rewrite_nodes: dict[str, list[str]] = defaultdict(list)  # action -> node names, in graph order
     for node_index, (action, override_index) in sorted(chosen.items()):
         node = nodes[node_index]
-        if action == "rewrite":
-            rewrite_nodes.append(node["name"])
+        spec = ACTIONS[action]
+        if spec.rewrites:
+            rewrite_nodes[action].append(node["name"])
+        if spec.op_target is None:
             continue
         key = node["outputs"][0]
-        op_target[key] = action
+        op_target[key] = spec.op_target
         explanations[key] = {
             "override": override_index, "action": action, "node": node["name"], "op_type": node["op_type"],
             "output_index": 0, "predicted": node["predicted"],
@@ -219,7 +199,7 @@ def selector_problems(model: dict, nodes: list[dict]) -> list[tuple[int, tuple, 
             problems.append((index, ("match",), f"override matches no node of '{model['name']}' "
                              f"({_describe(override['match'])}); {nearest_candidates(nodes, override['match'])}"))
     rules = None
-    if any(overrides[index]["action"] == "cpu" for index in selected):
+    if any(ACTIONS[overrides[index]["action"]].needs_rules for index in selected):
         from pipeline.placement_rules import Rules
 
         rules = Rules.load()
@@ -236,7 +216,7 @@ def selector_problems(model: dict, nodes: list[dict]) -> list[tuple[int, tuple, 
                     if earlier and earlier[0] != action:
                         raise ResolutionError(f"node '{node['name']}' is also selected by overrides[{earlier[1]}] "
                                               f"with action {earlier[0]}; make the selectors disjoint")
-                    _check_action(action, node, target, rules, "")  # rules: loaded when an action is cpu
+                    _check_action(action, node, target, rules, "")  # rules: loaded when an action needs them
                 except ResolutionError as error:
                     problem = (index, ("action",), str(error).removeprefix(": "))
                     if problem not in problems:
@@ -249,23 +229,25 @@ def _describe(match: dict) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in match.items())
 
 
-def _rewrite(model: dict, node_names: list[str], workdir) -> tuple[str, list[dict]]:
-    """Write ``rewritten.onnx`` with every named AveragePool replaced by its exact NPU form."""
+def _rewrite(model: dict, node_names: dict[str, list[str]], workdir) -> tuple[str, list[dict]]:
+    """Write ``rewritten.onnx``: each rewriting action (:mod:`pipeline.actions`) applied to its nodes."""
     import onnx
 
     from pipeline import files
     from pipeline.analysis import fix_input_shapes
     from pipeline.layout import PairLayout
-    from pipeline.rewrite import RewriteError, rewrite_average_pools
 
-    source = onnx.load(model["source"])
-    fix_input_shapes(source, model.get("inputs"))
-    try:
-        rewritten, records = rewrite_average_pools(source, node_names)
-    except RewriteError as exc:
-        raise ResolutionError(f"{model['name']}: rewrite failed: {exc}") from exc
+    graph = onnx.load(model["source"])
+    fix_input_shapes(graph, model.get("inputs"))
+    records: list[dict] = []
+    for action, names in node_names.items():
+        try:
+            graph, done = ACTIONS[action].rewrite(graph, names)
+        except PipelineError as exc:
+            raise ResolutionError(f"{model['name']}: {action} failed: {exc}") from exc
+        records += done
     path = PairLayout.of(workdir).rewritten_onnx
-    files.atomic_write_bytes(path, rewritten.SerializeToString())
+    files.atomic_write_bytes(path, graph.SerializeToString())
     return str(path), records
 
 

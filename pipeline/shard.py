@@ -218,20 +218,25 @@ def hint_key(manifest, model: dict, target: str) -> str:
 # -- cost --------------------------------------------------------------------
 
 def estimate_seconds(model: dict, target: str) -> float:
-    """A duration guess from sizes alone, for pairs never converted: worker start, graph, calibration, verify.
+    """A duration guess for a pair never converted: worker start, graph compilation, calibration, verify.
 
-    The coefficients are rough (measured on the example models, see docs/scaling.md);
-    they only need to rank pairs, and a recorded duration replaces them after one build.
+    Compilation and the simulator scale with the number of nodes (from the
+    memoised graph facts, so no ONNX parse on a warm machine) more than with
+    weight bytes. The coefficients are rough; they only need to rank pairs, and
+    a recorded duration replaces them after one build (docs/scaling.md).
     """
+    from pipeline.manifest import node_count
+
     size_mb = os.path.getsize(model["source"]) / 1e6
+    nodes = node_count(model["source"]) or 0
     quant = model.get("quantization") or {}
     samples = len(quant.get("samples") or ()) if quant else 0
     verify = model.get("verify") or {}
     checks = verify.get("samples", 0) if isinstance(verify, dict) else 0
-    seconds = 0.5 + 0.4 * size_mb                       # load, optimise, compile, export
-    seconds += 0.05 * size_mb * checks                  # simulator runs for verify
+    graph = 0.005 * nodes + 0.4 * size_mb                # load, optimise, compile, export
+    seconds = 0.3 + graph + 0.2 * graph * checks          # simulator runs for verify
     if quant:
-        seconds += 0.5 + 0.15 * size_mb * max(samples, 1)   # calibration passes
+        seconds += graph * (0.5 + 0.1 * max(samples, 1))  # calibration passes
     return round(seconds, 3)
 
 

@@ -8,6 +8,7 @@ writes the deliverables in ``dist/`` with their provenance.
 
 from __future__ import annotations
 
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pipeline import files
 from pipeline.errors import PipelineError
 from pipeline.formats import SIDECAR_FORMAT
 from pipeline.layout import CACHED_FILES, OPTIONAL_CACHED_FILES
+from pipeline.records import ANALYSIS, CONVERT, RESOLUTION, SIDECAR
 
 
 class StageFailed(PipelineError, RuntimeError):
@@ -72,9 +74,47 @@ def conversion_key(manifest, layout, model: dict, target: str, resolved: dict) -
     from pipeline.cache import cache_key
     from pipeline.identity import key_document
 
-    analysis = files.read_json(layout.analysis(model["name"], target)) or {}
+    analysis = ANALYSIS.read(layout.analysis(model["name"], target), missing_ok=True) or {}
     return cache_key(key_document(model, target, resolved, base=manifest.directory,
                                   external_data=analysis.get("external_data") or []))
+
+
+def repair_choice(manifest, layout, model: dict, target: str, resolved: dict) -> tuple[dict, str, str]:
+    """resolved.json as the conversion should see it, its cache key, and the key of a search.
+
+    A repair records its choice in resolved.json under ``repair``, with the key
+    of the conversion it searched for (everything but the choice). The choice
+    is used, and becomes part of the key, only while that key still matches:
+    the same inputs rebuild with the same float layers without searching again;
+    any change to them (source, dataset, settings, overrides) searches anew.
+    """
+    plain = {key: value for key, value in resolved.items() if key != "repair"}
+    search_key = conversion_key(manifest, layout, model, target, plain)
+    choice = resolved.get("repair")
+    if not (model.get("quantization") or {}).get("repair") or not choice or choice.get("key") != search_key:
+        return plain, search_key, search_key
+    chosen = {**plain, "repair": choice}
+    return chosen, conversion_key(manifest, layout, model, target, chosen), search_key
+
+
+def _record_repair(layout, name: str, target: str, resolved: dict, record: dict, search_key: str) -> None:
+    """Write a successful repair's choice into resolved.json (for the next build of the same inputs)."""
+    repair = record.get("repair") or {}
+    if not repair.get("ok") or not repair.get("float_tensors"):
+        return
+    choice = {"key": search_key, "float_layers": repair["float_layers"], "float_tensors": repair["float_tensors"],
+              "cosine_before": repair.get("cosine_before"), "cosine_after": repair.get("cosine_after")}
+    current = RESOLUTION.read(layout.resolved(name, target), missing_ok=True) or resolved
+    if current.get("repair") != choice:
+        RESOLUTION.write(layout.resolved(name, target), {**current, "repair": choice})
+
+
+def _repaired_key(manifest, layout, model: dict, target: str, name: str, search_key: str) -> list[str]:
+    """The key the next build will use when this one recorded a repair choice (else nothing)."""
+    current = RESOLUTION.read(layout.resolved(name, target), missing_ok=True) or {}
+    if (current.get("repair") or {}).get("key") != search_key:
+        return []
+    return [repair_choice(manifest, layout, model, target, current)[1]]
 
 
 def verdict_line(record: dict, seconds: float | None, hit: bool) -> str:
@@ -85,6 +125,10 @@ def verdict_line(record: dict, seconds: float | None, hit: bool) -> str:
     verify = record.get("verify")
     if verify and verify.get("outputs"):
         parts.append(f"cos {min(o['cosine'] for o in verify['outputs']):.4f}")
+    if (record.get("repair") or {}).get("float_layers"):
+        from pipeline.repair import summary_line
+
+        parts.append(summary_line(record["repair"]))
     if hit:
         parts.append("(cache hit)")
     return "  ".join(parts)
@@ -102,17 +146,29 @@ def detail_lines(record: dict) -> list[str]:
     return lines
 
 
-def prestart_conversion(manifest, layout, model: dict, target: str, resolved: dict) -> None:
-    """Start the toolkit's import now if this pair will be converted rather than restored from the
-    cache, so the import overlaps the analysis and resolution still to run."""
+def prestart_conversion(manifest, layout, model: dict, target: str, resolved: dict | None = None) -> None:
+    """Start the toolkit's import now if this pair will be converted, so the import overlaps the
+    analysis and resolution still to run.
+
+    An analysis that runs means the pair changed, so it converts, unless a cache holds it:
+    without a cache the import starts at ``analyze``; with one, at ``resolve`` (``resolved``
+    given), where the conversion's key is known and a hit starts nothing.
+    """
     from pipeline import conversion
 
-    store = open_cache(manifest)
-    if store is not None and store.has(conversion_key(manifest, layout, model, target, resolved)):
-        return
     if fanin_mode():
         return  # the fan-in restores or fails; it never starts the toolkit
-    conversion.prestart_worker(conversion.make_job(model, target, resolved, layout.pair(model["name"], target)))
+    if resolved is None:
+        from pipeline import cache
+
+        if os.environ.get(cache.ENV_VAR) or manifest.cache_url:
+            return
+    else:
+        store = open_cache(manifest)
+        resolved, key, _ = repair_choice(manifest, layout, model, target, resolved)
+        if store is not None and store.has(key):
+            return
+    conversion.prestart_worker(conversion.make_job(model, target, resolved or {}, layout.pair(model["name"], target)))
 
 
 def open_cache(manifest):
@@ -134,8 +190,8 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
 
     name = model["name"]
     pair = layout.pair(name, target)
-    resolved = files.read_json(pair.resolved)
-    key = conversion_key(manifest, layout, model, target, resolved)
+    on_disk = RESOLUTION.read(pair.resolved)
+    resolved, key, search_key = repair_choice(manifest, layout, model, target, on_disk)
     store = open_cache(manifest)
     started = time.monotonic()
     if store is not None:
@@ -143,11 +199,12 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
         restored = store.get(key, pair.dir)
         if restored is not None and set(CACHED_FILES) <= set(restored):
             # The entry may come from another model with the same settings, in another checkout.
-            record = portable_record(files.read_json(layout.convert_record(name, target)), model, target,
+            record = portable_record(CONVERT.read(layout.convert_record(name, target)), model, target,
                                      resolved, layout)
             record["cache"] = {"key": key, "hit": True, "stored_by": (store.meta(key) or {}).get("model")}
-            files.atomic_write_json(layout.convert_record(name, target), record)
-            _record_remaps(layout, name, target, resolved, record)
+            CONVERT.write(layout.convert_record(name, target), record)
+            _record_remaps(layout, name, target, on_disk, record)
+            _record_repair(layout, name, target, on_disk, record, search_key)
             _mark_built(store, manifest, model, target, key, record, converted=False)
             return verdict_line(record, time.monotonic() - started, True), detail_lines(record)
     if fanin_mode():
@@ -174,14 +231,17 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     record = portable_record(record, model, target, resolved, layout)
     record["cache"] = {"key": key, "hit": False}
     record.update(built_by())
-    files.atomic_write_json(layout.convert_record(name, target), record)
+    CONVERT.write(layout.convert_record(name, target), record)
     _portable_log(layout.log(name, target), layout.root)
-    _record_remaps(layout, name, target, resolved, record)
+    _record_remaps(layout, name, target, on_disk, record)
+    _record_repair(layout, name, target, on_disk, record, search_key)
     if store is not None:
         try:
             optional = [f for f in OPTIONAL_CACHED_FILES if (pair.dir / f).exists()]
-            store.put(key, {f: pair.dir / f for f in (*CACHED_FILES, *optional)},
-                      meta={"model": name, "target": target, "seconds": record.get("seconds")})
+            for entry_key in dict.fromkeys([key, *_repaired_key(manifest, layout, model, target, name, search_key)]):
+                # a search is stored under its own key and under the key with its choice (the next build's)
+                store.put(entry_key, {f: pair.dir / f for f in (*CACHED_FILES, *optional)},
+                          meta={"model": name, "target": target, "seconds": record.get("seconds")})
         except OSError as exc:  # a full or read-only cache must not fail a good build
             print(f"  warning: could not store {name}@{target} in the cache: {exc}")
         else:
@@ -253,8 +313,8 @@ def _record_remaps(layout, name: str, target: str, resolved: dict, record: dict)
     remaps = record.get("remaps") or []
     if resolved.get("remaps", []) == remaps and resolved.get("op_target_used") == record.get("op_target"):
         return
-    files.atomic_write_json(layout.resolved(name, target),
-                            {**resolved, "remaps": remaps, "op_target_used": record.get("op_target")})
+    RESOLUTION.write(layout.resolved(name, target),
+                             {**resolved, "remaps": remaps, "op_target_used": record.get("op_target")})
 
 
 def placement_check(model: dict, target: str, record: dict, resolved: dict, rules) -> tuple[list[str], list[str]]:
@@ -265,7 +325,10 @@ def placement_check(model: dict, target: str, record: dict, resolved: dict, rule
     warning under every policy: the model builds but fails on the board.
     """
     policy = model.get("cpu_fallback", "warn")
-    requested = {item["node"] for item in (resolved.get("explanations") or {}).values() if item["action"] == "cpu"}
+    from pipeline.actions import ACTIONS
+
+    requested = {item["node"] for item in (resolved.get("explanations") or {}).values()
+                 if ACTIONS[item["action"]].expected_on == "cpu"}
     cpu_layers = (record.get("placement") or {}).get("cpu_layers") or []
     unexpected = [layer for layer in cpu_layers if layer.get("node") not in requested]
     warnings, errors = [], []
@@ -314,9 +377,9 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     from pipeline.placement_rules import Rules
 
     name = model["name"]
-    record = files.read_json(layout.convert_record(name, target))
-    resolved = files.read_json(layout.resolved(name, target))
-    analysis = files.read_json(layout.analysis(name, target))
+    record = CONVERT.read(layout.convert_record(name, target))
+    resolved = RESOLUTION.read(layout.resolved(name, target))
+    analysis = ANALYSIS.read(layout.analysis(name, target))
     layers = files.read_json(layout.placement(name, target), [])
     warnings, errors = placement_check(model, target, record, resolved, Rules.load())
     built, runtime, problems = built_with(model, target, layout.rknn(name, target))
@@ -351,6 +414,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
         "predicted_vs_actual": predicted_vs_actual(analysis, layers, resolved),
         "verify": record.get("verify"),
         "accuracy": record.get("accuracy"),
+        "repair": _sidecar_repair(record.get("repair")),
         "shapes": _shapes(model),
         "convert_seconds": record.get("seconds"),
         "cache": record.get("cache"),
@@ -360,7 +424,7 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     }
     try:
         files.atomic_copy(rknn, layout.dist_rknn(name, target))
-        files.atomic_write_json(layout.sidecar(name, target), sidecar)
+        SIDECAR.write(layout.sidecar(name, target), sidecar)
     except OSError as exc:
         # A new .rknn beside an old sidecar would lie: remove both so nothing looks finished.
         _withdraw(layout, name, target)
@@ -369,6 +433,14 @@ def export(manifest, layout, model: dict, target: str) -> list[str]:
     lines = [f"export {name}@{target}  dist/{target}/{name}.rknn  {_size(sidecar['rknn']['size'])}"]
     lines += [f"  warning: {w}" for w in warnings]
     return lines
+
+
+def _sidecar_repair(repair: dict | None) -> dict | None:
+    """What a repair chose and reached (its attempts stay in convert.json)."""
+    if not repair:
+        return None
+    return {key: repair.get(key) for key in ("min_cosine", "max_float_layers", "float_layers", "float_tensors",
+                                             "cosine_before", "cosine_after", "reused")}
 
 
 def _shapes(model: dict) -> dict | None:
@@ -417,11 +489,10 @@ def built_with(model: dict, target: str, rknn: Path) -> tuple[dict, dict, list[s
 
 
 def _size(size: int) -> str:
-    for unit in ("B", "KB", "MB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
+    """The same binary units (KiB, MiB) as the report, so the two never disagree about a size."""
+    from pipeline.report import human_size
+
+    return human_size(size)
 
 
 def _withdraw(layout, name: str, target: str) -> None:
@@ -447,6 +518,9 @@ def lock_entry(sidecar: dict) -> dict:
     verify = sidecar.get("verify")
     entry["verify"] = verify and {"samples": verify.get("samples"), "min_cosine": verify.get("min_cosine"),
                                   "passed": verify.get("passed")}
+    repair = sidecar.get("repair")
+    if repair:  # the float layers a repair chose are part of what was built
+        entry["repair"] = {"float_layers": repair.get("float_layers"), "float_tensors": repair.get("float_tensors")}
     return entry
 
 
@@ -454,7 +528,7 @@ def write_lock(manifest, layout) -> Path:
     entries, artifacts = {}, {}
     for model in manifest.models:
         for target in model["targets"]:
-            sidecar = files.read_json(layout.sidecar(model["name"], target))
+            sidecar = SIDECAR.read(layout.sidecar(model["name"], target), missing_ok=True)
             if sidecar is None:
                 continue
             key = f"{target}/{model['name']}"
@@ -470,13 +544,16 @@ def report_records(manifest, layout) -> list[dict]:
     records = []
     for model in manifest.models:
         for target in model["targets"]:
-            sidecar = files.read_json(layout.sidecar(model["name"], target))
+            sidecar = SIDECAR.read(layout.sidecar(model["name"], target), missing_ok=True)
             if sidecar is None:
-                converted = files.read_json(layout.convert_record(model["name"], target)) or {}
+                converted = CONVERT.read(layout.convert_record(model["name"], target), missing_ok=True) or {}
                 refused = files.read_json(layout.export_error(model["name"], target)) or {}
                 error = converted.get("error") or refused.get("error")
                 sidecar = {"model": model["name"], "target": target, "status": "failed" if error else "not built",
-                           "error": error, "placement": converted.get("placement")}
+                           "error": error, "placement": converted.get("placement"), "repair": converted.get("repair")}
+            analysis = files.read_json(layout.accuracy(model["name"], target))
+            if analysis and analysis.get("layers"):  # drawn per layer by the report
+                sidecar = {**sidecar, "accuracy_layers": analysis["layers"]}
             records.append(sidecar)
     return records
 

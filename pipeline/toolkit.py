@@ -61,26 +61,27 @@ class Session:
     def load_onnx(self, model: str, **kwargs) -> None:
         self._check("load_onnx", self.rknn.load_onnx(model=model, **kwargs))
 
-    def build(self, **kwargs) -> None:
+    def _call(self, step: str, method, **kwargs) -> None:
         try:
-            ret = self.rknn.build(**kwargs)
+            ret = method(**kwargs)
         except Exception as exc:  # the toolkit raises plain ValueError/AttributeError
             # Its messages embed a whole traceback; the last line is the one that explains.
             lines = [line for line in str(exc).splitlines() if line.strip()]
-            raise ToolkitError("build", lines[-1] if lines else type(exc).__name__) from exc
-        self._check("build", ret)
+            raise ToolkitError(step, lines[-1] if lines else type(exc).__name__) from exc
+        self._check(step, ret)
+
+    def build(self, **kwargs) -> None:
+        self._call("build", self.rknn.build, **kwargs)
 
     def export(self, path: str) -> None:
         self._check("export_rknn", self.rknn.export_rknn(path))
 
     def hybrid_step1(self, dataset: str, **kwargs) -> None:
-        self._check("hybrid_quantization_step1",
-                    self.rknn.hybrid_quantization_step1(dataset=dataset, **kwargs))
+        self._call("hybrid_quantization_step1", self.rknn.hybrid_quantization_step1, dataset=dataset, **kwargs)
 
     def hybrid_step2(self, model_input: str, data_input: str, cfg: str) -> None:
-        self._check("hybrid_quantization_step2",
-                    self.rknn.hybrid_quantization_step2(model_input=model_input, data_input=data_input,
-                                                        model_quantization_cfg=cfg))
+        self._call("hybrid_quantization_step2", self.rknn.hybrid_quantization_step2, model_input=model_input,
+                   data_input=data_input, model_quantization_cfg=cfg)
 
     def simulate(self, inputs: list, data_format: str | list | None = None) -> list:
         """Run the built model in the toolkit's x86 simulator (``init_runtime()`` without target)."""

@@ -140,3 +140,149 @@ def test_an_analysis_the_toolkit_refuses_returns_its_message(tmp_path):
     result = worker._analyse(session, job, tmp_path / "work", session.tensor_producers(), "test")
     session.release()
     assert "(1, 5, 7, 7) is wrong" in result["error"] and "layers" not in result
+
+
+# --- repair and checked hybrid builds (real toolkit) --------------------------------------------
+
+
+def test_a_repair_step_keeps_the_worst_layer_and_what_feeds_it():
+    from pipeline import repair
+
+    layers = accuracy.name_layers(accuracy.parse_error_analysis(FIXTURE.read_text()), PRODUCERS)
+    chosen, new = repair.next_step(layers, PRODUCERS, {})
+    assert chosen["tensor"] == "r2"
+    # relu2 is folded into conv2, whose input r1 (relu1 folded into conv1) carries the outlier channel
+    assert new == {"conv2": ["r2", "c2"], "conv1": ["r1", "c1"]}
+    chosen, more = repair.next_step(layers, PRODUCERS, new)
+    assert chosen["tensor"] == "y_int8" and more == {"conv3": ["y_int8"]}
+    assert repair.summary_line({"float_layers": ["conv2", "conv1"], "cosine_before": 0.6055,
+                                "cosine_after": 0.99989}) == "repaired: 2 float layers, cos 0.6055 -> 0.9999"
+
+
+def test_layers_built_in_int8_against_the_request_are_found():
+    from pipeline import repair
+
+    table = [{"id": 2, "node": "conv1", "dtype": "INT8", "full_name": "Conv:conv1", "op_type": "ConvRelu"},
+             {"id": 3, "node": "conv2", "dtype": "FLOAT16", "full_name": "Conv:conv2", "op_type": "ConvRelu"}]
+    asked = {"r1": {"node": "relu1", "anchor": "conv1"}, "c2": {"node": "conv2", "anchor": "conv2"}}
+    (wrong,) = repair.unfloated_layers(asked, table)
+    assert wrong["tensor"] == "r1" and wrong["layer"] == "Conv:conv1" and wrong["dtype"] == "INT8"
+
+
+@pytest.mark.toolkit
+def test_repair_keeps_the_outlier_layers_in_float_and_passes(tmp_path):
+    from pipeline.conversion import convert
+    from pipeline.layer_table import parse_layer_table
+
+    model = _outlier_model(tmp_path, {"samples": 2, "min_cosine": 0.99})
+    model["quantization"]["repair"] = {"min_cosine": 0.99, "max_float_layers": 4}
+    workdir = tmp_path / "out"
+    record = convert(model, "rk3588", {}, workdir)
+    repair = record["repair"]
+    assert record["ok"] and repair["ok"] and repair["cosine_before"] < 0.9 <= 0.99 <= repair["cosine_after"]
+    assert set(repair["float_layers"]) == {"conv1", "conv2"} and len(repair["attempts"]) == 1
+    assert record["verify"]["passed"]
+    layers = parse_layer_table((workdir / "convert.log").read_text())
+    dtypes = {layer["node"]: layer["dtype"] for layer in layers if layer["node"]}
+    assert dtypes["conv1"] == dtypes["conv2"] == "FLOAT16" and dtypes["conv0"] == dtypes["conv3"] == "INT8"
+
+
+@pytest.mark.toolkit
+def test_repair_out_of_budget_fails_with_the_best_cosine_and_the_layers_tried(tmp_path):
+    from pipeline.conversion import ConversionFailed, convert
+
+    model = _outlier_model(tmp_path, {"samples": 2, "min_cosine": 0.99})
+    model["quantization"]["repair"] = {"min_cosine": 0.99, "max_float_layers": 1}
+    workdir = tmp_path / "out"
+    with pytest.raises(ConversionFailed, match=r"repair did not reach min_cosine 0.99: keeping relu2 .* over "
+                                               r"max_float_layers 1\. Best cosine 0\.\d+ with 0 float layers"):
+        convert(model, "rk3588", {}, workdir)
+    record = json.loads((workdir / "convert.json").read_text())
+    assert record["step"] == "repair" and record["repair"]["ok"] is False
+
+
+@pytest.mark.toolkit
+@pytest.mark.parametrize("start, end, ok", [("c1", "r2", True), ("x_int8", "x_int8", False)])
+def test_hand_written_hybrid_ranges_are_checked_against_the_layer_table(tmp_path, start, end, ok):
+    """c1..r2 puts conv1 and conv2 in float16 (and fixes the outlier); x_int8, the input's int8
+    conversion, is a tensor the toolkit accepts in the .cfg and then ignores: its own layer table shows
+    the input still INT8, and the build fails instead of shipping something other than what was asked."""
+    from pipeline.conversion import ConversionFailed, convert
+
+    model = _outlier_model(tmp_path, {"samples": 2, "min_cosine": 0.0})
+    model["quantization"]["hybrid"] = {"custom_layers": [{"start": start, "end": end}]}
+    workdir = tmp_path / "out"
+    if ok:
+        record = convert(model, "rk3588", {}, workdir)
+        assert record["ok"] and record["verify"]["outputs"][0]["cosine"] > 0.99
+        return
+    with pytest.raises(ConversionFailed, match=r"tensor 'x_int8' -> layer InputOperator:x \(InputOperator\) is INT8"):
+        convert(model, "rk3588", {}, workdir)
+
+
+def test_repair_adds_to_hand_written_ranges_and_never_removes_them(tmp_path):
+    import yaml
+
+    from pipeline import worker
+
+    cfg = tmp_path / "m.quantization.cfg"
+    order = ["x", "c0", "r0", "c1", "r1", "c2", "r2", "y"]
+    cfg.write_text(yaml.safe_dump({"custom_quantize_layers": {}, "quantize_parameters": {t: {} for t in order}},
+                                  sort_keys=False))
+    custom = worker._add_custom_hybrid_layers(cfg, [{"start": "c0", "end": "r0", "dtype": "int16"}],
+                                              ["r0", "c2", "not_quantized"])
+    assert custom == {"c0": "int16", "r0": "int16", "c2": "float16"}  # the hand-written range wins its tensors
+    assert yaml.safe_load(cfg.read_text())["custom_quantize_layers"] == custom
+
+
+def _example(name: str) -> str:
+    """One model's block of the repository's models.yaml, under its header and defaults."""
+    text = (REPO / "models.yaml").read_text()
+    head = text[:text.index("models:")]
+    start = text.index(f"  - name: {name}")
+    end = text.find("\n  - name:", start + 1)
+    return head + "models:\n" + text[start:end if end > 0 else None].rstrip() + "\n"
+
+
+@pytest.mark.toolkit
+def test_the_repaired_example_records_its_choice_and_a_rebuild_reuses_it(tmp_path):
+    from conftest import Project
+
+    project = Project(tmp_path)
+    project.write_manifest(_example("outlier_repaired"))
+    first = project.doit()
+    line = next(line for line in first.stdout.splitlines() if line.startswith("convert outlier_repaired@rk3588"))
+    assert "repaired: 2 float layers, cos 0.6" in line, line
+    pair = project.root / "build" / "outlier_repaired" / "rk3588"
+    choice = json.loads((pair / "resolved.json").read_text())["repair"]
+    assert set(choice["float_layers"]) == {"conv1", "conv2"} and choice["cosine_after"] >= 0.99
+    sidecar = json.loads((project.root / "dist" / "rk3588" / "outlier_repaired.json").read_text())
+    assert sidecar["repair"]["float_tensors"] == choice["float_tensors"]
+    lock = json.loads((project.root / "dist" / "models.lock.json").read_text())
+    assert lock["entries"]["rk3588/outlier_repaired"]["repair"]["float_tensors"] == choice["float_tensors"]
+    assert "repair: keeping" in (pair / "convert.log").read_text()
+
+    project.doit("forget", "convert:outlier_repaired@rk3588")
+    second = project.doit()
+    assert "convert:outlier_repaired@rk3588" in Project.ran(second)
+    assert "repair: keeping" not in (pair / "convert.log").read_text()  # built with the choice, no search
+    record = json.loads((pair / "convert.json").read_text())
+    assert record["repair"]["reused"] and record["repair"]["attempts"] == [] and record["verify"]["passed"]
+    assert "(choice reused)" in second.stdout
+
+
+def test_the_report_draws_each_analysed_layer_and_the_repair():
+    from pipeline import report
+
+    layers = accuracy.name_layers(accuracy.parse_error_analysis(FIXTURE.read_text()), PRODUCERS)
+    records = [{"model": "outlier", "target": "rk3588", "status": "ok", "accuracy_layers": layers,
+                "verify": {"min_cosine": 0.99, "passed": True, "outputs": [{"cosine": 0.9999}]},
+                "repair": {"float_layers": ["conv2", "conv1"], "cosine_before": 0.6121, "cosine_after": 0.9999}},
+               {"model": "plain", "target": "rk3588", "status": "ok"}]
+    summary = report.build_report(records)
+    page = report.render_html(summary)
+    assert page.count('<g class="layer"') == 4  # relu0, relu1, relu2, conv3: the layers with a measured cosine
+    assert 'data-single="0.56433"' in page and "relu2 (Relu)" in page
+    text = report.render_markdown(summary)
+    assert "## Per-layer accuracy" in text and "relu2 (Relu): single cos 0.5643, entire cos 0.5643" in text
+    assert "pass (repaired: 2 float layers, cos 0.6121 -\\> 0.9999)" in text  # ">" escaped for Markdown

@@ -183,3 +183,29 @@ def test_pair_layout_names_every_file_of_a_pair(tmp_path):
     assert PairLayout.of(pair) is pair and PairLayout.of(pair.dir) == pair
     with pytest.raises(ValueError):
         layout.pair("..", "rk3588")
+
+
+def test_records_check_their_format_on_read(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.records import ANALYSIS, CONVERT, RESOLUTION, SIDECAR, StaleRecord
+
+    pair = tmp_path / "build" / "m" / "rk3588"
+    written = RESOLUTION.write(pair / "resolved.json", {"model": "m", "target": "rk3588", "op_target": {},
+                                                          "explanations": {}, "rewrites": []})
+    assert RESOLUTION.read(pair / "resolved.json") == written and written["format"] == RESOLUTION.format
+    (pair / "analysis.json").write_text('{"format": 0, "model": "m", "target": "rk3588", "nodes": []}')
+    with pytest.raises(StaleRecord, match=r"analysis record from another version .*format 0.*delete .*rk3588 and run"):
+        ANALYSIS.read(pair / "analysis.json")
+    # A convert.json from before records carried a format: a rebuild message, not a KeyError.
+    (pair / "convert.json").write_text('{"model": "m", "target": "rk3588"}')
+    with pytest.raises(PipelineError, match="convert record"):
+        CONVERT.read(pair / "convert.json")
+    (pair / "convert.json").write_text(f'{{"format": {CONVERT.format}, "model": "m", "target": "rk3588"}}')
+    with pytest.raises(StaleRecord, match="no ok"):
+        CONVERT.read(pair / "convert.json")
+    assert SIDECAR.read(tmp_path / "dist" / "rk3588" / "m.json", missing_ok=True) is None
+    with pytest.raises(StaleRecord, match="has not run"):
+        SIDECAR.read(tmp_path / "dist" / "rk3588" / "m.json")
+    with pytest.raises(StaleRecord):  # a writer that forgets a key is caught before anyone reads it
+        SIDECAR.write(tmp_path / "s.json", {"model": "m"})
+    assert not (tmp_path / "s.json").exists()

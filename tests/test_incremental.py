@@ -125,7 +125,9 @@ def test_a_toolkit_version_change_reruns_every_convert(tree, tmp_path):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: rknn-toolkit2\nVersion: 9.9.9\n")
     tree.env["PYTHONPATH"] = str(fake)
     try:
-        ran = Project.ran(tree.doit())
+        # Convert only: export would rightly refuse these files, whose header says the real toolkit built
+        # them while the trailer repeats the faked metadata.
+        ran = Project.ran(tree.doit("convert"))
     finally:
         del tree.env["PYTHONPATH"]
     converts = {t for t in ran if t.startswith("convert:")}

@@ -171,6 +171,24 @@ INVALID = [
     ("missing-layer", model(T + "quantization:\n  dataset: calib/ds.txt\n  hybrid:\n"
                             "    custom_layers: [{ start: r0, end: fire2/relu }]\n"),
      "end tensor 'fire2/relu' is not in the model", "9:43"),
+    ("repair-without-verify", model(T + "quantization:\n  dataset: calib/ds.txt\n"
+                                    "  repair: { min_cosine: 0.99, max_float_layers: 8 }\n"),
+     "repair measures each rebuild with the accuracy check, which is off", "8:15"),
+    ("repair-no-layers", model(T + "verify: {}\nquantization:\n  dataset: calib/ds.txt\n"
+                               "  repair: { min_cosine: 0.99, max_float_layers: 0 }\n"),
+     "max_float_layers must be at least 1, got 0", "9:53"),
+    ("repair-cosine-zero", model(T + "verify: {}\nquantization:\n  dataset: calib/ds.txt\n"
+                                 "  repair: { min_cosine: 0, max_float_layers: 8 }\n"),
+     "min_cosine must be above 0, got 0", "9:29"),
+    ("repair-cosine-above-one", model(T + "verify: {}\nquantization:\n  dataset: calib/ds.txt\n"
+                                      "  repair: { min_cosine: 1.5, max_float_layers: 8 }\n"),
+     "min_cosine must be at most 1, got 1.5", "9:29"),
+    ("repair-rv1106", model("targets: [rk3588, rv1106]\nverify: {}\nquantization:\n  dataset: calib/ds.txt\n"
+                            "  repair: { min_cosine: 0.99, max_float_layers: 8 }\n"),
+     "which the toolkit refuses in hybrid quantization for rv1106", "9:15"),
+    ("repair-and-auto-hybrid", model(T + "verify: {}\nquantization:\n  dataset: calib/ds.txt\n  auto_hybrid: true\n"
+                                     "  repair: { min_cosine: 0.99, max_float_layers: 8 }\n"),
+     "repair and auto_hybrid both choose float layers", "10:15"),
     ("std-count", model(T + "mean_values: [[0, 0, 0]]\nstd_values: [[1, 1, 1], [1, 1, 1]]\n"),
      "std_values has 2 entries but mean_values has 1", "7:17"),
     ("mean-count", model(T + "mean_values: [[0, 0, 0], [0, 0, 0]]\n"),

@@ -343,8 +343,7 @@ def test_light_inception_v2_on_rk3588_puts_exactly_the_padded_average_pools_on_c
 
 
 def test_light_inception_v2_prediction_matches_the_measured_layer_table(rules):
-    if not INCEPTION_TABLE.exists():
-        pytest.skip("no captured layer table")
+    assert INCEPTION_TABLE.exists(), f"the committed fixture {INCEPTION_TABLE.name} is missing"
     layers = parse_layer_table(INCEPTION_TABLE.read_text())
     measured = {layer["node"] for layer in layers if layer["target"] == "CPU"
                 and layer["op_type"] not in ("InputOperator", "OutputOperator")}

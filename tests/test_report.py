@@ -10,6 +10,7 @@ produced; it skips when Chromium is not installed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -246,8 +247,18 @@ def _page_errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if PAGE_MESSAGE.search(line)]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (run .ci/install-browser)")
-def test_report_renders_in_headless_chromium(tmp_path):
+@pytest.fixture
+def chromium() -> str:
+    """The browser; missing, it skips the test locally but fails it under CI=true (CI installs it)."""
+    if CHROMIUM is None:
+        why = "chromium not installed (run .ci/install-browser as root)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{why}; under CI=true a missing browser is a failure, not a skip")
+        pytest.skip(why)
+    return CHROMIUM
+
+
+def test_report_renders_in_headless_chromium(tmp_path, chromium):
     html_path, _ = write_report(_records(), tmp_path / "report")
     url = html_path.resolve().as_uri()
 
@@ -267,11 +278,21 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5 * 1024
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (run .ci/install-browser)")
-def test_console_errors_are_detected(tmp_path):
+def test_console_errors_are_detected(tmp_path, chromium):
     """Guards the check above: a page that logs and throws must be caught."""
     page = tmp_path / "broken.html"
     page.write_text('<!DOCTYPE html><meta charset="utf-8"><p>x</p>'
                     '<script>console.error("boom"); missing();</script>', encoding="utf-8")
     errors = _page_errors(_chromium(tmp_path / "profile", "--dump-dom", page.as_uri()).stderr)
     assert any("boom" in line for line in errors) and any("Uncaught" in line for line in errors), errors
+
+
+@pytest.mark.parametrize(("ci", "code"), [("true", 1), ("", 0)])
+def test_install_browser_fails_under_ci_when_it_cannot_install(tmp_path, ci, code):
+    """.ci/run no longer hides this script's failure; under CI=true a missing browser stops the job."""
+    script = Path(__file__).resolve().parent.parent / ".ci" / "install-browser"
+    bash = shutil.which("bash")
+    env = {"PATH": str(tmp_path), "CI": ci, "CHROMIUM_PATH": str(tmp_path / "no-chromium")}  # no apt-get
+    proc = subprocess.run([bash, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert "apt-get not found" in proc.stderr
