@@ -54,17 +54,17 @@ BENCH_MODELS = ("inception_v2", "inception_v2_int8", "densenet121", "shufflenet"
 PARALLEL_TARGETS = ("rk3588", "rk3576", "rk3566", "rk3562")  # all convert float16 models
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore",
             "6 scale", "7 large model", "8 worker model", "9 shapes", "10 repair", "11 shards",
-            "12 toolkit versions")
+            "12 shared cache", "13 toolkit versions")
 # sections measured on section 1's build (see Benchmark.run)
-NEEDS_BUILD = ("1 cold build", "2 no-op rebuild", "3 one changed", "5 cache restore", "6 scale")
+NEEDS_BUILD = ("1 cold build", "2 no-op rebuild", "3 one changed", "5 cache restore", "6 scale", "12 shared cache")
 SHAPE_MODELS = ("rec", "rec_dynamic")
+EXTRA_TOOLKIT = "2.3.2"  # the second rknn-toolkit2 version section 13 builds with, in its own environment
+TOOLKITS_ENV = "RKNN_PIPELINE_TOOLKITS"
+# what `uv sync --locked` needs of a checkout (section 13 syncs a copy into a fresh uv cache, as CI does)
+PROJECT_FILES = ("pyproject.toml", "uv.lock", "README.md", "pipeline", "schema")
 # models.yaml entries measured by "10 repair": the generated outlier case, and a bigger example model
 # (constant-fill weights) quantized for rk3588 with the int8 entry's dataset
 REPAIR_MODELS = ("outlier_repaired", "inception_v2")  # models.yaml entries: one recogniser as buckets and as one dynamic model
-EXTRA_TOOLKIT = "2.3.2"  # the second rknn-toolkit2 version section 12 builds with, in its own environment
-TOOLKITS_ENV = "RKNN_PIPELINE_TOOLKITS"
-# what `uv sync --locked` needs of a checkout (section 12 syncs a copy into a fresh uv cache, as CI does)
-PROJECT_FILES = ("pyproject.toml", "uv.lock", "README.md", "pipeline", "schema")
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,11 @@ class Scratch:
         self.logs = root / "logs"
         self.logs.mkdir()
         self._count = 0
-        self.env = {k: v for k, v in os.environ.items() if k not in (CACHE_ENV, WORKER_ENV)}
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in (CACHE_ENV, WORKER_ENV, "PYTHONDONTWRITEBYTECODE") and not k.startswith("AWS_")}
+        # Bytecode is written and reused, as a user's Python does by default; in the scratch tree, so the
+        # benchmark leaves nothing in the environment it runs in.
+        self.env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
 
     def path(self, label: str) -> Path:
         self._count += 1
@@ -172,9 +176,9 @@ class Scratch:
     def doit(self, ws: Path, *args: str, env: dict | None = None) -> tuple[float, str]:
         return self.run([sys.executable, "-m", "doit", *args], ws, "doit", env)
 
-    def python(self, code: str, *args: str, cwd: Path) -> dict:
+    def python(self, code: str, *args: str, cwd: Path, env: dict | None = None) -> dict:
         """Run a Python snippet that prints one JSON object; return it."""
-        _, text = self.run([sys.executable, "-c", code, *args], cwd, "python")
+        _, text = self.run([sys.executable, "-c", code, *args], cwd, "python", env)
         return json.loads(text.strip().splitlines()[-1])
 
 
@@ -222,35 +226,13 @@ def tiny_manifest() -> dict:
     }
 
 
-def make_tiny_model(path: Path, seed: int) -> None:
-    """Conv(3->8, 3x3, pad 1) -> AveragePool(2x2, stride 2) on a 1x3x16x16 input."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    weights = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node("AveragePool", ["c"], ["y"], name="pool", kernel_shape=[2, 2], strides=[2, 2])]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], [weights])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
 def make_tiny_assets(directory: Path) -> None:
-    import numpy as np
+    sys.path.insert(0, str(REPO / "tests"))
+    from model_makers import make_npy_dataset, make_tiny_model  # the tests' generators, not a copy
 
-    calib = directory / "calib"
-    calib.mkdir(parents=True)
     make_tiny_model(directory / "tiny.onnx", seed=0)
     make_tiny_model(directory / "tiny_int8.onnx", seed=1)
-    rng = np.random.default_rng(0)
-    for index in range(2):
-        np.save(calib / f"sample_{index}.npy", rng.uniform(0, 1, size=(1, 3, 16, 16)).astype(np.float32))
-    (calib / "dataset.txt").write_text("sample_0.npy\nsample_1.npy\n")
+    make_npy_dataset(directory / "calib")
 
 
 def resave_with_doc_string(path: Path, text: str) -> None:
@@ -357,7 +339,7 @@ def prepare_peers(scratch: Scratch, built: Path, manifest: dict) -> Peers:
             source = model["source"]
             if record.get("converted_onnx") and Path(record["converted_onnx"]).name == "rewritten.onnx":
                 source = str(peers.directory / "inputs" / f"{name}@{target}.onnx")
-                shutil.copy(record["converted_onnx"], source)
+                shutil.copy(built / record["converted_onnx"], source)  # recorded relative to the checkout
             args = toolkit_arguments(model, target, source)
             if record.get("op_target"):
                 args["config"]["op_target"] = record["op_target"]
@@ -422,7 +404,7 @@ def run_rknn_convert(scratch: Scratch, peers: Peers, run: int) -> float:
 def seed_cache(cache_dir: Path, ws: Path) -> None:
     """Store a finished build's conversions in a cache, exactly as convert_with_cache() would have."""
     from pipeline import cache, files, stages
-    from pipeline.layout import Layout
+    from pipeline.layout import CACHED_FILES, Layout
     from pipeline.manifest import load_manifest
 
     manifest = load_manifest(ws / "models.yaml")
@@ -434,7 +416,7 @@ def seed_cache(cache_dir: Path, ws: Path) -> None:
             workdir = layout.workdir(name, target)
             resolved = files.read_json(layout.resolved(name, target))
             key = stages.conversion_key(manifest, layout, model, target, resolved)
-            store.put(key, {f: workdir / f for f in stages.CACHED_FILES}, meta={"model": name, "target": target})
+            store.put(key, {f: workdir / f for f in CACHED_FILES}, meta={"model": name, "target": target})
 
 
 # -- peak RSS of conversion workers -----------------------------------------------------------
@@ -633,6 +615,25 @@ from rknn.api import RKNN
 print(json.dumps({"seconds": time.perf_counter() - started}))
 """
 
+UPLOAD_SNIPPET = """
+import json, sys, time
+started = time.perf_counter()
+from pipeline import cache, files, stages
+from pipeline.layout import CACHED_FILES, Layout
+from pipeline.manifest import load_manifest
+
+manifest = load_manifest("models.yaml")
+layout = Layout(manifest.directory)
+store = cache.open_store(sys.argv[1])
+for model in manifest.models:
+    for target in model["targets"]:
+        workdir = layout.workdir(model["name"], target)
+        key = stages.conversion_key(manifest, layout, model, target, files.read_json(layout.resolved(model["name"], target)))
+        store.put(key, {f: workdir / f for f in CACHED_FILES}, meta={"model": model["name"]})
+        assert store.has(key), "the upload did not happen"
+print(json.dumps({"seconds": time.perf_counter() - started}))
+"""
+
 LOAD_MANIFEST_SNIPPET = """
 import json, sys, time
 from pipeline.manifest import load_manifest
@@ -700,7 +701,8 @@ class Benchmark:
             if wanted(SECTIONS[2]):
                 self.timed(self.one_changed, built)
         figures = (self.parallel, self.cache_restore, self.scale, self.large_model, self.worker_model, self.shapes,
-                   self.repair, self.shards, self.toolkit_versions)
+                   self.repair, self.shards, self.shared_cache,
+                   self.toolkit_versions)
         for section, figure in zip(SECTIONS[3:], figures):
             if wanted(section):
                 self.timed(figure)
@@ -1177,11 +1179,64 @@ class Benchmark:
                            "(examples/models/README.md), so plain int8 already passes there: the figures show what "
                            "repair costs when nothing needs repairing.")
 
-    # 12 ------------------------------------------------------------------------------------------
+
+    # 10 ------------------------------------------------------------------------------------------
+    def shared_cache(self) -> None:
+        """Section 1's cold build with an S3 store (every conversion uploaded), then a fresh checkout
+        restoring everything from that store; both against section 1's cold build without a cache."""
+        section = "12 shared cache"
+        sys.path.insert(0, str(REPO / "tests"))
+        from s3_server import S3Server  # the tests' moto server on 127.0.0.1
+
+        count = len(pairs_of(self.manifest))
+        cold_s3, uploads, warm_s3 = [], [], []
+        server = S3Server()
+        try:
+            for run in range(self.config.repeat):
+                progress(f"{section}: run {run + 1}/{self.config.repeat}")
+                bucket = f"bench-{run}"
+                server.make_bucket(bucket)
+                env = dict(self.scratch.env, **server.environment(), **{CACHE_ENV: f"s3://{bucket}/cache"})
+                ws = self.scratch.workspace("s3-cold", self.manifest)
+                seconds, output = self.scratch.doit(ws, env=env)
+                if len(converted(output)) != count or cache_hits(output):
+                    raise BenchmarkError(f"a cold build with an empty S3 store converted {converted(output)} "
+                                         f"and restored {cache_hits(output)}")
+                cold_s3.append(seconds)
+                uploads.append(self.scratch.python(UPLOAD_SNIPPET, f"s3://{bucket}/again", cwd=ws,
+                                                   env=env)["seconds"])
+                ws = self.scratch.workspace("s3-warm", self.manifest)
+                seconds, output = self.scratch.doit(ws, env=env)
+                if cache_hits(output) != count:
+                    raise BenchmarkError(f"a warm build from S3 restored {cache_hits(output)} of {count}")
+                warm_s3.append(seconds)
+        finally:
+            server.stop()
+        self.add(section, f"cold build, {count} conversions, each uploaded to an empty S3 store", "s", cold_s3)
+        self.add(section, "ratio cold build with S3 store / without a cache (section 1)", "x",
+                 ratios(cold_s3, self.cold))
+        self.add(section, f"uploading the {count} entries alone (fresh process: s3fs import, hashing, PUTs)", "s",
+                 uploads)
+        self.add(section, "ratio upload alone / cold build without a cache (section 1)", "x",
+                 ratios(uploads, self.cold))
+        self.add(section, f"fresh checkout, warm S3 store (all {count} restored)", "s", warm_s3)
+        self.add(section, "ratio warm S3 build / cold build without a cache (section 1; goal <= 0.03)", "x",
+                 ratios(warm_s3, self.cold))
+        self.note(section, "The S3 store is moto's server (the one the tests use) on 127.0.0.1, reached through "
+                           "the standard AWS_* variables and `RKNN_PIPELINE_CACHE=s3://bucket/cache`; a new "
+                           "bucket per run, so every conversion of the cold build is uploaded (blobs first, entry "
+                           "last). Loopback has no network latency: against a remote endpoint, add the transfer "
+                           "of the .rknn files. The whole-build ratio compares two different cold builds and "
+                           "carries their noise; the upload-alone figure times `store.put` of the same 4 entries "
+                           "into a new prefix in a fresh process, from `import` to the last PUT. The warm build "
+                           "is a fresh workspace restoring every conversion from that bucket without importing "
+                           "the toolkit.")
+
+    # 13 ------------------------------------------------------------------------------------------
     def toolkit_versions(self) -> None:
         """What a second rknn-toolkit2 version costs: its environment cold (a fresh machine, as CI) and
         warm, its disk, and a build of one model with both versions against one with the installed one."""
-        section = SECTIONS[11]
+        section = SECTIONS[12]
         uv_cache = self.scratch.path("uv-cache")
         env = {k: v for k, v in self.scratch.env.items() if k not in ("VIRTUAL_ENV", TOOLKITS_ENV)}
         env["UV_CACHE_DIR"] = str(uv_cache)
@@ -1402,6 +1457,7 @@ def render_document(bench: Benchmark, table: str, seconds: float) -> str:
         f"- Machine: {info['cpu']}, {info['cores']} cores (shared with other work while measuring: "
         "expect noise of several percent)",
         f"- Versions: {versions}",
+        "- Python writes and reuses bytecode in every measured process (as it does by default for users)",
         f"- Date: {datetime.date.today().isoformat()}; the whole benchmark took {seconds / 60:.1f} min",
         "",
         table,

@@ -524,13 +524,17 @@ def lock_entry(sidecar: dict) -> dict:
     return entry
 
 
-def write_lock(manifest, layout) -> Path:
-    entries, artifacts = {}, {}
+def _sidecars(manifest, layout):
+    """(model, target, its sidecar or None) for every pair of the manifest, in manifest order."""
     for model in manifest.models:
         for target in model["targets"]:
-            sidecar = SIDECAR.read(layout.sidecar(model["name"], target), missing_ok=True)
-            if sidecar is None:
-                continue
+            yield model, target, SIDECAR.read(layout.sidecar(model["name"], target), missing_ok=True)
+
+
+def write_lock(manifest, layout) -> Path:
+    entries, artifacts = {}, {}
+    for model, target, sidecar in _sidecars(manifest, layout):
+        if sidecar is not None:
             key = f"{target}/{model['name']}"
             entries[key] = lock_entry(sidecar)
             artifacts[key] = sidecar["rknn"]
@@ -542,23 +546,21 @@ def write_lock(manifest, layout) -> Path:
 def report_records(manifest, layout) -> list[dict]:
     """One record per model x target: its sidecar, or the failure that stopped it."""
     records = []
-    for model in manifest.models:
-        for target in model["targets"]:
-            sidecar = SIDECAR.read(layout.sidecar(model["name"], target), missing_ok=True)
-            if sidecar is None:
-                converted = CONVERT.read(layout.convert_record(model["name"], target), missing_ok=True) or {}
-                refused = files.read_json(layout.export_error(model["name"], target)) or {}
-                error = converted.get("error") or refused.get("error")
-                sidecar = {"model": model["name"], "target": target, "status": "failed" if error else "not built",
-                           "error": error, "placement": converted.get("placement"), "repair": converted.get("repair")}
-            analysis = files.read_json(layout.accuracy(model["name"], target))
-            if analysis and analysis.get("layers"):  # drawn per layer by the report
-                sidecar = {**sidecar, "accuracy_layers": analysis["layers"]}
-            records.append(sidecar)
+    for model, target, sidecar in _sidecars(manifest, layout):
+        if sidecar is None:
+            converted = CONVERT.read(layout.convert_record(model["name"], target), missing_ok=True) or {}
+            refused = files.read_json(layout.export_error(model["name"], target)) or {}
+            error = converted.get("error") or refused.get("error")
+            sidecar = {"model": model["name"], "target": target, "status": "failed" if error else "not built",
+                       "error": error, "placement": converted.get("placement"), "repair": converted.get("repair")}
+        analysis = files.read_json(layout.accuracy(model["name"], target))
+        if analysis and analysis.get("layers"):  # drawn per layer by the report
+            sidecar = {**sidecar, "accuracy_layers": analysis["layers"]}
+        records.append(sidecar)
     return records
 
 
 def write_report(manifest, layout) -> tuple[Path, Path]:
     from pipeline.report import write_report as render
 
-    return render(report_records(manifest, layout), layout.build)
+    return render(report_records(manifest, layout), layout.report_html(), layout.report_md())
