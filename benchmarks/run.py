@@ -53,10 +53,14 @@ GNU_TIME = Path("/usr/bin/time")
 BENCH_MODELS = ("inception_v2", "inception_v2_int8", "densenet121", "shufflenet")
 PARALLEL_TARGETS = ("rk3588", "rk3576", "rk3566", "rk3562")  # all convert float16 models
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore",
-            "6 scale", "7 large model", "8 worker model", "9 shapes")
+            "6 scale", "7 large model", "8 worker model", "9 shapes", "10 repair", "11 shards",
+            "12 shared cache")
 # sections measured on section 1's build (see Benchmark.run)
-NEEDS_BUILD = ("1 cold build", "2 no-op rebuild", "3 one changed", "5 cache restore", "6 scale")
-SHAPE_MODELS = ("rec", "rec_dynamic")  # models.yaml entries: one recogniser as buckets and as one dynamic model
+NEEDS_BUILD = ("1 cold build", "2 no-op rebuild", "3 one changed", "5 cache restore", "6 scale", "12 shared cache")
+SHAPE_MODELS = ("rec", "rec_dynamic")
+# models.yaml entries measured by "10 repair": the generated outlier case, and a bigger example model
+# (constant-fill weights) quantized for rk3588 with the int8 entry's dataset
+REPAIR_MODELS = ("outlier_repaired", "inception_v2")  # models.yaml entries: one recogniser as buckets and as one dynamic model
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,11 @@ class Scratch:
         self.logs = root / "logs"
         self.logs.mkdir()
         self._count = 0
-        self.env = {k: v for k, v in os.environ.items() if k not in (CACHE_ENV, WORKER_ENV)}
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in (CACHE_ENV, WORKER_ENV, "PYTHONDONTWRITEBYTECODE") and not k.startswith("AWS_")}
+        # Bytecode is written and reused, as a user's Python does by default; in the scratch tree, so the
+        # benchmark leaves nothing in the environment it runs in.
+        self.env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
 
     def path(self, label: str) -> Path:
         self._count += 1
@@ -164,9 +172,9 @@ class Scratch:
     def doit(self, ws: Path, *args: str, env: dict | None = None) -> tuple[float, str]:
         return self.run([sys.executable, "-m", "doit", *args], ws, "doit", env)
 
-    def python(self, code: str, *args: str, cwd: Path) -> dict:
+    def python(self, code: str, *args: str, cwd: Path, env: dict | None = None) -> dict:
         """Run a Python snippet that prints one JSON object; return it."""
-        _, text = self.run([sys.executable, "-c", code, *args], cwd, "python")
+        _, text = self.run([sys.executable, "-c", code, *args], cwd, "python", env)
         return json.loads(text.strip().splitlines()[-1])
 
 
@@ -214,35 +222,13 @@ def tiny_manifest() -> dict:
     }
 
 
-def make_tiny_model(path: Path, seed: int) -> None:
-    """Conv(3->8, 3x3, pad 1) -> AveragePool(2x2, stride 2) on a 1x3x16x16 input."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    weights = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node("AveragePool", ["c"], ["y"], name="pool", kernel_shape=[2, 2], strides=[2, 2])]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], [weights])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
 def make_tiny_assets(directory: Path) -> None:
-    import numpy as np
+    sys.path.insert(0, str(REPO / "tests"))
+    from model_makers import make_npy_dataset, make_tiny_model  # the tests' generators, not a copy
 
-    calib = directory / "calib"
-    calib.mkdir(parents=True)
     make_tiny_model(directory / "tiny.onnx", seed=0)
     make_tiny_model(directory / "tiny_int8.onnx", seed=1)
-    rng = np.random.default_rng(0)
-    for index in range(2):
-        np.save(calib / f"sample_{index}.npy", rng.uniform(0, 1, size=(1, 3, 16, 16)).astype(np.float32))
-    (calib / "dataset.txt").write_text("sample_0.npy\nsample_1.npy\n")
+    make_npy_dataset(directory / "calib")
 
 
 def resave_with_doc_string(path: Path, text: str) -> None:
@@ -347,7 +333,11 @@ def prepare_peers(scratch: Scratch, built: Path, manifest: dict) -> Peers:
             source = model["source"]
             if record.get("converted_onnx") and Path(record["converted_onnx"]).name == "rewritten.onnx":
                 source = str(peers.directory / "inputs" / f"{name}@{target}.onnx")
+<<<<<<< HEAD
                 shutil.copy(built / record["converted_onnx"], source)  # recorded relative to the tree
+=======
+                shutil.copy(built / record["converted_onnx"], source)  # recorded relative to the checkout
+>>>>>>> main
             args = toolkit_arguments(model, target, source)
             if record.get("op_target"):
                 args["config"]["op_target"] = record["op_target"]
@@ -412,7 +402,7 @@ def run_rknn_convert(scratch: Scratch, peers: Peers, run: int) -> float:
 def seed_cache(cache_dir: Path, ws: Path) -> None:
     """Store a finished build's conversions in a cache, exactly as convert_with_cache() would have."""
     from pipeline import cache, files, stages
-    from pipeline.layout import Layout
+    from pipeline.layout import CACHED_FILES, Layout
     from pipeline.manifest import load_manifest
 
     manifest = load_manifest(ws / "models.yaml")
@@ -424,7 +414,7 @@ def seed_cache(cache_dir: Path, ws: Path) -> None:
             workdir = layout.workdir(name, target)
             resolved = files.read_json(layout.resolved(name, target))
             key = stages.conversion_key(manifest, layout, model, target, resolved)
-            store.put(key, {f: workdir / f for f in stages.CACHED_FILES}, meta={"model": name, "target": target})
+            store.put(key, {f: workdir / f for f in CACHED_FILES}, meta={"model": name, "target": target})
 
 
 # -- peak RSS of conversion workers -----------------------------------------------------------
@@ -623,6 +613,25 @@ from rknn.api import RKNN
 print(json.dumps({"seconds": time.perf_counter() - started}))
 """
 
+UPLOAD_SNIPPET = """
+import json, sys, time
+started = time.perf_counter()
+from pipeline import cache, files, stages
+from pipeline.layout import CACHED_FILES, Layout
+from pipeline.manifest import load_manifest
+
+manifest = load_manifest("models.yaml")
+layout = Layout(manifest.directory)
+store = cache.open_store(sys.argv[1])
+for model in manifest.models:
+    for target in model["targets"]:
+        workdir = layout.workdir(model["name"], target)
+        key = stages.conversion_key(manifest, layout, model, target, files.read_json(layout.resolved(model["name"], target)))
+        store.put(key, {f: workdir / f for f in CACHED_FILES}, meta={"model": model["name"]})
+        assert store.has(key), "the upload did not happen"
+print(json.dumps({"seconds": time.perf_counter() - started}))
+"""
+
 LOAD_MANIFEST_SNIPPET = """
 import json, sys, time
 from pipeline.manifest import load_manifest
@@ -689,7 +698,8 @@ class Benchmark:
                 self.timed(self.noop_rebuild, built)
             if wanted(SECTIONS[2]):
                 self.timed(self.one_changed, built)
-        figures = (self.parallel, self.cache_restore, self.scale, self.large_model, self.worker_model, self.shapes)
+        figures = (self.parallel, self.cache_restore, self.scale, self.large_model, self.worker_model, self.shapes,
+                   self.repair, self.shards, self.shared_cache)
         for section, figure in zip(SECTIONS[3:], figures):
             if wanted(section):
                 self.timed(figure)
@@ -724,7 +734,7 @@ class Benchmark:
         self.add(section, f"pipeline: `doit` in a fresh workspace, {count} model x target", "s", self.cold)
         self.add(section, "hand-written loop: one process, same toolkit arguments", "s", self.hand)
         self.add(section, "ratio pipeline / hand loop (goal <= 1.10)", "x", ratios(self.cold, self.hand))
-        self.add(section, "toolkit import in a fresh process (pipeline: once per conversion; loop: once)", "s",
+        self.add(section, "toolkit import in a fresh process (pipeline: once, in its zygote; loop: once)", "s",
                  imports)
         origin = "generated" if self.config.tiny else "from models.yaml; its other entries are left out for time"
         self.note(section, f"Models: {names} ({origin}), without `verify` (the peers do no accuracy check). "
@@ -733,12 +743,11 @@ class Benchmark:
                            "file the pipeline resolved, and runs `RKNN(verbose=True)` -> config -> load_onnx -> "
                            "build -> export_rknn for each model in one Python process, its output in a log file "
                            "like the pipeline's `convert.log`. The pipeline's time includes analysis, resolution, "
-                           "one worker process (and toolkit import) per conversion, export, lock and report.")
+                           "one toolkit import (in the zygote that forks a worker per conversion), export, lock and report.")
         gap = statistics.median(self.cold) - statistics.median(self.hand)
-        self.note(section, f"The pipeline imports the toolkit {count - 1} more times than the loop (about "
-                           f"{statistics.median(imports):.1f} s each), but starts each next worker while the "
-                           f"current conversion runs, so most of that import time overlaps on the second core; "
-                           f"the remaining difference is {gap:.0f} s.")
+        self.note(section, f"Both import the toolkit once (about {statistics.median(imports):.1f} s); the pipeline "
+                           f"starts that import when the first analysis is done, so doit's own start-up comes "
+                           f"first. The difference is {gap:.1f} s; section 8 compares forked and fresh workers.")
         return built
 
     # 2 -------------------------------------------------------------------------------------------
@@ -820,8 +829,14 @@ class Benchmark:
         self.add(section, f"{cores}-core floor: CPU seconds of the `-n 1` run / {cores}", "s", timings["floor"])
         self.add(section, "ratio `-n 2` / floor", "x", ratios(timings["parallel"], timings["floor"]))
         self.add(section, "speed-up -n 1 / -n 2", "x", ratios(timings["serial"], timings["parallel"]))
+<<<<<<< HEAD
         for name, rss in self.worker_rss().items():
             self.add(section, f"peak RSS of the conversion worker, {name}", "MiB", rss)
+=======
+        if rss:
+            self.add(section, "peak RSS per conversion worker interpreter (the zygote of each task process)",
+                     "MiB", rss)
+>>>>>>> main
         how = "GNU time's %M" if os.access(GNU_TIME, os.X_OK) else "getrusage(RUSAGE_CHILDREN).ru_maxrss"
         self.note(section, f"Conversions: {pairs} (float16, a model that takes longer to build than the toolkit "
                            f"takes to import), each workspace fresh. The floor is the physical limit on this "
@@ -962,10 +977,9 @@ class Benchmark:
             manifests = {"tiny manifest": self.manifest, "4 tiny pairs": parallel_manifest()}
         fresh_env = dict(self.scratch.env, RKNN_PIPELINE_WORKER="fresh")
         memory: dict[tuple[str, str], list[float]] = {}
-        floor: dict[str, list[float]] = {"serial_cpu": [], "parallel": []}
         for label, manifest in manifests.items():
             count = len(pairs_of(manifest))
-            times: dict[str, list[float]] = {"fork": [], "fresh": [], "hand": []}
+            times: dict[str, list[float]] = {"fork": [], "fresh": [], "hand": [], "serial_cpu": [], "parallel": []}
             peers = None
             for run in range(self.config.repeat):
                 progress(f"{section}: {label}, run {run + 1}/{self.config.repeat}")
@@ -985,24 +999,23 @@ class Benchmark:
                 times["hand"].append(run_hand_loop(self.scratch, peers, run))
                 seconds, _ = self.scratch.doit(self.scratch.workspace("worker-fresh", manifest), env=fresh_env)
                 times["fresh"].append(seconds)
-                if label == list(manifests)[-1]:
-                    floor["serial_cpu"].append(cpu)
-                    seconds, output = self.scratch.doit(self.scratch.workspace("worker-n2", manifest),
-                                                        "-n", "2", "-P", "process")
-                    if len(converted(output)) != count:
-                        raise BenchmarkError(f"the -n 2 build converted {converted(output)}")
-                    floor["parallel"].append(seconds)
+                times["serial_cpu"].append(cpu)
+                seconds, output = self.scratch.doit(self.scratch.workspace("worker-n2", manifest),
+                                                    "-n", "2", "-P", "process")
+                if len(converted(output)) != count:
+                    raise BenchmarkError(f"the -n 2 build converted {converted(output)}")
+                times["parallel"].append(seconds)
             self.add(section, f"{label} ({count} pairs): `doit`, forked workers (default)", "s", times["fork"])
             self.add(section, f"{label}: `doit` with RKNN_PIPELINE_WORKER=fresh", "s", times["fresh"])
             self.add(section, f"{label}: hand-written loop", "s", times["hand"])
             self.add(section, f"{label}: ratio forked / hand loop (goal <= 1.0)", "x",
                      ratios(times["fork"], times["hand"]))
             self.add(section, f"{label}: ratio fresh / hand loop", "x", ratios(times["fresh"], times["hand"]))
-        last = list(manifests)[-1]
-        cpu_floor = [cpu / 2 for cpu in floor["serial_cpu"]]
-        self.add(section, f"{last}: `doit -n 2 -P process`, forked workers", "s", floor["parallel"])
-        self.add(section, f"{last}: 2-core CPU floor (CPU seconds of the serial run / 2)", "s", cpu_floor)
-        self.add(section, f"{last}: ratio `-n 2` / CPU floor (goal <= 1.1)", "x", ratios(floor["parallel"], cpu_floor))
+            cpu_floor = [cpu / 2 for cpu in times["serial_cpu"]]
+            self.add(section, f"{label}: `doit -n 2 -P process`, forked workers", "s", times["parallel"])
+            self.add(section, f"{label}: 2-core CPU floor (CPU seconds of the serial run / 2)", "s", cpu_floor)
+            self.add(section, f"{label}: ratio `-n 2` / CPU floor (goal <= 1.1)", "x",
+                     ratios(times["parallel"], cpu_floor))
         names = {"zygote": "each zygote", "child": "each forked child (one per conversion)"}
         for (role, key), samples in memory.items():
             if samples:
@@ -1088,6 +1101,209 @@ class Benchmark:
                            "over the verify samples: the two calibration images, resized to each width (for the "
                            "dynamic model too, although the toolkit calibrates it at the largest width only).")
 
+    # 11 ------------------------------------------------------------------------------------------
+    def shards(self) -> None:
+        """Shard balance on real graphs (first from size estimates, then from recorded durations), and the
+        cost of a plan that finds everything cached."""
+        section = SECTIONS[10]
+        cache = self.scratch.path("shard-cache")
+        balance: dict[str, list[float]] = {}
+        rounds = (("estimates", 0.5), ("recorded durations", 0.6))
+        for round_, (basis, min_cosine) in enumerate(rounds[:1] if self.config.tiny else rounds):
+            manifest = shard_manifest(min_cosine, self.config.tiny)
+            env = dict(self.scratch.env, **{CACHE_ENV: str(cache), "RKNN_PIPELINE_RUN": f"bench-{round_}"})
+            ws = self.scratch.workspace("shard-plan", manifest)
+            _, output = self.scratch.run([sys.executable, "-m", "pipeline.ci", "plan", "--shards", "3"], ws,
+                                         "plan", env)
+            matrix = json.loads(output.strip().splitlines()[-1])["include"]
+            work, walls = [], []
+            for entry in matrix:  # one after the other: the shards of a CI run do not share 2 cores
+                ws = self.scratch.workspace("shard", manifest)
+                progress(f"{section}: {basis}, shard {entry['shard']} ({entry['pairs']} pairs)")
+                seconds, output = self.scratch.doit(ws, f"shard={entry['shard']}", env=env)
+                if len(converted(output)) != entry["pairs"]:
+                    raise BenchmarkError(f"shard {entry['shard']} converted {converted(output)}")
+                walls.append(seconds)
+                work.append(sum(json.loads(p.read_text())["seconds"] for p in ws.glob("build/*/*/convert.json")))
+            pairs = sum(entry["pairs"] for entry in matrix)
+            balance.setdefault(f"conversions, plan from {basis}", []).append(max(work) / (sum(work) / 3))
+            balance.setdefault(f"whole `doit shard=I/3` runs, plan from {basis}", []).append(
+                max(walls) / (sum(walls) / 3))
+            self.add(section, f"{pairs} pairs, plan from {basis}: conversion time per shard, longest", "s",
+                     [max(work)])
+            self.add(section, f"{pairs} pairs, plan from {basis}: conversion time per shard, shortest", "s",
+                     [min(work)])
+        for label, values in balance.items():
+            self.add(section, f"balance N=3 (longest / (total / 3)), {label}", "x", values)
+        ws = self.scratch.workspace("shard-noop", noop_plan_manifest(25 if self.config.tiny else 250))
+        warm = self.scratch.path("shard-noop-cache")
+        env = dict(self.scratch.env, **{CACHE_ENV: str(warm)})
+        self.scratch.run([sys.executable, "-c", MARK_ALL], ws, "mark", env)
+        times = []
+        for _ in range(self.config.repeat):
+            seconds, output = self.scratch.run([sys.executable, "-m", "pipeline.ci", "plan"], ws, "plan", env)
+            if json.loads(output.strip().splitlines()[-1]) != {"include": []}:
+                raise BenchmarkError(f"the warm plan was not empty: {output[-500:]}")
+            times.append(seconds)
+        self.add(section, f"`python -m pipeline.ci plan`, {100 if self.config.tiny else 1000} pairs, all cached "
+                          "(local cache dir)", "s", times)
+        self.note(section, "Balance: a manifest of the example graphs (inception_v2, densenet121, shufflenet "
+                           "for rk3588, rk3576 and rk3566, and inception_v2 in int8 for two targets: 11 pairs), "
+                           "`python -m pipeline.ci plan --shards 3` against an empty cache, then each "
+                           "`doit shard=I/3` in its own fresh workspace, one after another (on this shared "
+                           "2-core machine concurrent shards would time each other). A shard's time is the sum of "
+                           "its conversions' own times (convert.json); the whole-run ratio adds each shard's "
+                           "toolkit import and analysis. The second round changes verify's threshold, so every "
+                           "pair is missing again while the durations the first round recorded in the cache "
+                           "drive the split. One run per round. No-op plan: 250 copies of the tiny model for 4 "
+                           "targets, every pair marked as built in a local cache; the figure is the whole "
+                           "process (interpreter start, manifest load, hashing, 1000 cache lookups).")
+
+
+SHARD_TARGETS = ["rk3588", "rk3576", "rk3566"]
+
+# Marks every pair of ./models.yaml as built in the cache, as shards would after converting them.
+MARK_ALL = """
+from pipeline import shard
+from pipeline.manifest import load_manifest
+manifest = load_manifest("models.yaml")
+store = shard.store_for(manifest)
+for model in manifest.models:
+    for target in model["targets"]:
+        shard.record_built(store, manifest, model, target, "0" * 64, {"seconds": 1.0}, True)
+"""
+
+
+def shard_manifest(min_cosine: float, tiny: bool = False) -> dict:
+    defaults = {"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]], "verify": {"samples": 1, "min_cosine": min_cosine}}
+    if tiny:
+        return {"version": 1, "defaults": defaults, "models": [
+            {"name": "t", "source": "examples/models/tiny_pool_identity.onnx", "targets": SHARD_TARGETS,
+             "inputs": {"x": [1, 3, 32, 32]}}]}
+    graphs = (("inception_v2", "light_inception_v2.onnx", "data_0"), ("densenet121", "light_densenet121.onnx", "data_0"),
+              ("shufflenet", "light_shufflenet.onnx", "gpu_0/data_0"))
+    models = [{"name": name, "source": f"examples/models/{file}", "targets": SHARD_TARGETS,
+               "inputs": {tensor: [1, 3, 224, 224]}} for name, file, tensor in graphs]
+    models.append({"name": "inception_v2_int8", "source": "examples/models/light_inception_v2.onnx",
+                   "targets": SHARD_TARGETS[:2], "inputs": {"data_0": [1, 3, 224, 224]},
+                   "quantization": {"dataset": "examples/calib/inception_v2.txt", "dtype": "w8a8"}})
+    return {"version": 1, "defaults": defaults, "models": models}
+
+
+def noop_plan_manifest(models: int) -> dict:
+    return {"version": 1, "models": [
+        {"name": f"m{i}", "source": "examples/models/tiny_pool_identity.onnx",
+         "targets": ["rk3588", "rk3576", "rk3566", "rk3562"], "inputs": {"x": [1, 3, 32, 32]}}
+        for i in range(models)]}
+
+
+    # 10 ------------------------------------------------------------------------------------------
+    def repair(self) -> None:
+        """quantization.repair against plain int8 and float16: accuracy, cost of the search, speed and size."""
+        section = SECTIONS[9]
+        manifest = yaml.safe_load((REPO / "models.yaml").read_text())
+        by_name = {m["name"]: m for m in manifest["models"]}
+        repair = by_name["outlier_repaired"]["quantization"]["repair"]
+        for base in REPAIR_MODELS:
+            model = copy.deepcopy(by_name[base])
+            if not model.get("quantization"):
+                model["quantization"] = copy.deepcopy(by_name["inception_v2_int8"]["quantization"])
+            model["targets"] = ["rk3588"]
+            quant = {k: v for k, v in model["quantization"].items() if k != "repair"}
+            variants = {  # verify min_cosine -1: the plain builds must finish so their cosine can be read
+                "int8": {**model, "name": f"{base}-int8", "quantization": quant, "verify": {"min_cosine": -1}},
+                "float16": {**model, "name": f"{base}-float16", "quantization": None, "verify": {"min_cosine": -1}},
+                "repair": {**model, "name": f"{base}-repair", "quantization": {**quant, "repair": repair}},
+            }
+            figures: dict[str, dict[str, list[float]]] = {way: {} for way in variants}
+            for run in range(self.config.repeat):
+                progress(f"{section}: {base}, run {run + 1}/{self.config.repeat}")
+                ws = self.scratch.workspace(f"repair-{base}", {**manifest, "models": list(variants.values())})
+                for way, entry in variants.items():
+                    self.scratch.doit(ws, f"export:{entry['name']}@rk3588")
+                    sidecar = json.loads((ws / "dist" / "rk3588" / f"{entry['name']}.json").read_text())
+                    record = json.loads((ws / "build" / entry["name"] / "rk3588" / "convert.json").read_text())
+                    found = figures[way]
+                    found.setdefault("cos", []).append(min(o["cosine"] for o in sidecar["verify"]["outputs"]))
+                    found.setdefault("seconds", []).append(record["seconds"])
+                    found.setdefault("size", []).append(sidecar["rknn"]["size"])
+                    found.setdefault("cycles", []).append(sidecar["placement"]["total_cycles"])
+                    found.setdefault("float", []).append(len((sidecar.get("repair") or {}).get("float_layers") or []))
+            label = f"{base} (rk3588)"
+            self.add(section, f"{label}: cosine, plain int8", "cos", figures["int8"]["cos"])
+            self.add(section, f"{label}: cosine, repaired", "cos", figures["repair"]["cos"])
+            self.add(section, f"{label}: cosine, float16", "cos", figures["float16"]["cos"])
+            self.add(section, f"{label}: float16 layers the repair chose", "layers", figures["repair"]["float"])
+            self.add(section, f"{label}: repair's conversion time / one plain int8 conversion", "x",
+                     ratios(figures["repair"]["seconds"], figures["int8"]["seconds"]))
+            for other in ("int8", "float16"):
+                self.add(section, f"{label}: .rknn size, repaired / {other}", "x",
+                         ratios(figures["repair"]["size"], figures[other]["size"]))
+                self.add(section, f"{label}: estimated cycles, repaired / {other}", "x",
+                         ratios(figures["repair"]["cycles"], figures[other]["cycles"]))
+        self.note(section, f"Each model of {', '.join(REPAIR_MODELS)} built three ways for rk3588 in one fresh "
+                           f"workspace per run: plain int8 (w8a8), float16, and int8 with `quantization: {{repair: "
+                           f"{{min_cosine: {repair['min_cosine']}, max_float_layers: {repair['max_float_layers']}}}}}`. "
+                           "Cosine is the worst output's, simulator against onnxruntime on the verify samples. "
+                           "Conversion times are the workers' own (convert.json: build, export, verify, and for the "
+                           "repair its analyses and rebuilds). Cycles are the compiler's estimate summed over the "
+                           "layer table, not a measurement on a board. inception_v2's weights are constant fills "
+                           "(examples/models/README.md), so plain int8 already passes there: the figures show what "
+                           "repair costs when nothing needs repairing.")
+
+
+    # 10 ------------------------------------------------------------------------------------------
+    def shared_cache(self) -> None:
+        """Section 1's cold build with an S3 store (every conversion uploaded), then a fresh checkout
+        restoring everything from that store; both against section 1's cold build without a cache."""
+        section = "12 shared cache"
+        sys.path.insert(0, str(REPO / "tests"))
+        from s3_server import S3Server  # the tests' moto server on 127.0.0.1
+
+        count = len(pairs_of(self.manifest))
+        cold_s3, uploads, warm_s3 = [], [], []
+        server = S3Server()
+        try:
+            for run in range(self.config.repeat):
+                progress(f"{section}: run {run + 1}/{self.config.repeat}")
+                bucket = f"bench-{run}"
+                server.make_bucket(bucket)
+                env = dict(self.scratch.env, **server.environment(), **{CACHE_ENV: f"s3://{bucket}/cache"})
+                ws = self.scratch.workspace("s3-cold", self.manifest)
+                seconds, output = self.scratch.doit(ws, env=env)
+                if len(converted(output)) != count or cache_hits(output):
+                    raise BenchmarkError(f"a cold build with an empty S3 store converted {converted(output)} "
+                                         f"and restored {cache_hits(output)}")
+                cold_s3.append(seconds)
+                uploads.append(self.scratch.python(UPLOAD_SNIPPET, f"s3://{bucket}/again", cwd=ws,
+                                                   env=env)["seconds"])
+                ws = self.scratch.workspace("s3-warm", self.manifest)
+                seconds, output = self.scratch.doit(ws, env=env)
+                if cache_hits(output) != count:
+                    raise BenchmarkError(f"a warm build from S3 restored {cache_hits(output)} of {count}")
+                warm_s3.append(seconds)
+        finally:
+            server.stop()
+        self.add(section, f"cold build, {count} conversions, each uploaded to an empty S3 store", "s", cold_s3)
+        self.add(section, "ratio cold build with S3 store / without a cache (section 1)", "x",
+                 ratios(cold_s3, self.cold))
+        self.add(section, f"uploading the {count} entries alone (fresh process: s3fs import, hashing, PUTs)", "s",
+                 uploads)
+        self.add(section, "ratio upload alone / cold build without a cache (section 1)", "x",
+                 ratios(uploads, self.cold))
+        self.add(section, f"fresh checkout, warm S3 store (all {count} restored)", "s", warm_s3)
+        self.add(section, "ratio warm S3 build / cold build without a cache (section 1; goal <= 0.03)", "x",
+                 ratios(warm_s3, self.cold))
+        self.note(section, "The S3 store is moto's server (the one the tests use) on 127.0.0.1, reached through "
+                           "the standard AWS_* variables and `RKNN_PIPELINE_CACHE=s3://bucket/cache`; a new "
+                           "bucket per run, so every conversion of the cold build is uploaded (blobs first, entry "
+                           "last). Loopback has no network latency: against a remote endpoint, add the transfer "
+                           "of the .rknn files. The whole-build ratio compares two different cold builds and "
+                           "carries their noise; the upload-alone figure times `store.put` of the same 4 entries "
+                           "into a new prefix in a fresh process, from `import` to the last PUT. The warm build "
+                           "is a fresh workspace restoring every conversion from that bucket without importing "
+                           "the toolkit.")
+
 
 # -- report --------------------------------------------------------------------------------------
 
@@ -1124,6 +1340,7 @@ def render_document(bench: Benchmark, table: str, seconds: float) -> str:
         f"- Machine: {info['cpu']}, {info['cores']} cores (shared with other work while measuring: "
         "expect noise of several percent)",
         f"- Versions: {versions}",
+        "- Python writes and reuses bytecode in every measured process (as it does by default for users)",
         f"- Date: {datetime.date.today().isoformat()}; the whole benchmark took {seconds / 60:.1f} min",
         "",
         table,

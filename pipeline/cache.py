@@ -57,6 +57,7 @@ from pipeline.cache_entry import (  # the entry format, shared with pipeline.rem
     read_only,
     _warn_stderr,
     _CHUNK,
+    publish,
 )
 
 
@@ -229,11 +230,7 @@ def _restore(entry_dir: Path, names: list[str], dest_dir: Path) -> dict[str, Pat
                 shutil.copyfileobj(source, out, _CHUNK)
                 out.flush()
                 os.fsync(out.fileno())
-        restored = {}
-        for name, temp in temps.items():
-            os.replace(temp, dest_dir / name)
-            restored[name] = dest_dir / name
-        return restored
+        return publish(temps, dest_dir)
     except BaseException:
         for temp in temps.values():
             temp.unlink(missing_ok=True)

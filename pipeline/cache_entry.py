@@ -161,3 +161,13 @@ def _is_record(record) -> bool:
     return isinstance(record, dict) and isinstance(record.get("sha256"), str) and type(record.get("size")) is int
 
 
+def publish(temps: dict[str, Path], dest_dir: Path) -> dict[str, Path]:
+    """Rename each verified temporary into place as ``dest_dir/<name>``; return name -> path.
+
+    Only after every file of an entry is fetched and checked, so a restore is all or nothing.
+    """
+    restored = {}
+    for name, temp in temps.items():
+        os.replace(temp, dest_dir / name)
+        restored[name] = dest_dir / name
+    return restored

@@ -90,15 +90,11 @@ def toolkit_arguments(model: dict, target: str, source: str) -> dict:
 def portable(value, base: Path):
     """``value`` with absolute paths under ``base`` made relative (records and keys must not
     depend on where the project is checked out: a CI clone must hit a cache filled elsewhere)."""
-    if isinstance(value, dict):
-        return {key: portable(item, base) for key, item in value.items()}
-    if isinstance(value, list):
-        return [portable(item, base) for item in value]
-    if isinstance(value, str) and value.startswith("/"):
-        path = Path(value)
-        if path.is_relative_to(base):
-            return path.relative_to(base).as_posix()
-    return value
+    def relative(text: str):
+        path = Path(text)
+        return path.relative_to(base).as_posix() if text.startswith("/") and path.is_relative_to(base) else text
+
+    return files.map_strings(value, relative)
 
 
 def recorded_arguments(model: dict, target: str, base: Path) -> dict:
@@ -291,8 +287,13 @@ atexit.register(_Zygotes.close_all)
 def prestart_worker(job: dict) -> None:
     """Start the zygote for ``job``'s interpreter now, so the toolkit's import overlaps the tasks that
     run before the first conversion (analysis, resolution). No-op in ``fresh`` mode or when running."""
-    if (os.environ.get("RKNN_PIPELINE_WORKER") or "fork") == "fork":
-        _Zygotes.get(worker_python(job), Path(job["workdir"]).parents[2])
+    if (os.environ.get("RKNN_PIPELINE_WORKER") or "fork") != "fork":
+        return
+    try:
+        python = worker_python(job)
+    except ConversionFailed:  # best effort: the conversion itself reports it
+        return
+    _Zygotes.get(python, Path(job["workdir"]).parents[2])
 
 
 class _Standby:
@@ -553,7 +554,7 @@ def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> di
         record["attempts"] = tries
     partial = Path(job["rknn_path"])
     verify = result.get("verify")
-    analysis = _record_accuracy(result.get("accuracy"), pair, record)
+    analysis = _record_accuracy(result.get("accuracy"), pair, record, layers)
     if result.get("ok"):
         _check_float_layers(result, layers)
     if result.get("ok") and verify and not verify.get("passed"):
@@ -621,10 +622,15 @@ def _run_with_retries(model: dict, target: str, job: dict, log_path: Path) -> tu
     raise AssertionError("unreachable")
 
 
-def _record_accuracy(analysis: dict | None, pair: PairLayout, record: dict) -> dict | None:
-    """Write the worker's per-layer analysis to accuracy.json and its summary into ``record``."""
+def _record_accuracy(analysis: dict | None, pair: PairLayout, record: dict, table: list[dict]) -> dict | None:
+    """Write the worker's per-layer analysis to accuracy.json (each layer placed in the layer table)
+    and its summary into ``record``."""
+    from pipeline.accuracy import place_layers
+
     if not analysis:
         return None
+    if analysis.get("layers"):
+        analysis = {**analysis, "layers": place_layers(analysis["layers"], table)}
     if analysis.get("error"):
         record["accuracy"] = {"error": analysis["error"], "why": analysis.get("why")}
     else:

@@ -88,9 +88,15 @@ class ReportCommand(DoitCmdBase):
         from pipeline import stages
         from pipeline.tasks import context
 
+        from pipeline.errors import PipelineError
+
         manifest, layout = context()
-        records = stages.report_records(manifest, layout)
-        html, md = stages.write_report(manifest, layout)
+        try:
+            records = stages.report_records(manifest, layout)
+            html, md = stages.write_report(manifest, layout)
+        except PipelineError as exc:  # e.g. a record from another version: say so, no traceback
+            self.outstream.write(f"rknn-report: {exc}\n")
+            return 1
         failed = sum(1 for record in records if record.get("status") != "ok")
         self.outstream.write(f"report  {html}  {md}  ({len(records) - failed} ok, {failed} failed or not built)\n")
         return 0

@@ -83,3 +83,15 @@ def remove_partials(directory: Path) -> int:
             leftover.unlink(missing_ok=True)
             count += 1
     return count
+
+
+def map_strings(value, change):
+    """A JSON value with every string replaced by ``change(string)``: how records, keys and plans make
+    the file paths they hold portable (relative, or content hashes) without one walker each."""
+    if isinstance(value, dict):
+        return {key: map_strings(item, change) for key, item in value.items()}
+    if isinstance(value, list):
+        return [map_strings(item, change) for item in value]
+    if isinstance(value, str):
+        return change(value)
+    return value

@@ -21,6 +21,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from pipeline import files
 from pipeline.cache import file_sha256
 
 # The libraries whose versions can change a conversion's bytes or its verify figures.
@@ -84,8 +85,13 @@ def conversion_versions(model: dict, target: str) -> dict:
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
     """sha256 over the names and bytes of :data:`CONVERSION_CODE` (computed, never bumped by hand)."""
-    digest = hashlib.sha256()
-    for relative in CONVERSION_CODE:
+    return source_digest(CONVERSION_CODE)
+
+
+def source_digest(relatives, digest=None) -> str:
+    """sha256 over the names and bytes of the package files ``relatives`` (continuing ``digest``)."""
+    digest = digest or hashlib.sha256()
+    for relative in relatives:
         path = PACKAGE / relative
         if not path.is_file():  # a module that does not exist yet in this version of the package
             continue
@@ -95,15 +101,13 @@ def code_digest() -> str:
 
 def _hashed_files(value, base: Path):
     """``value`` with every string naming an existing file under ``base`` replaced by its content hash."""
-    if isinstance(value, dict):
-        return {key: _hashed_files(item, base) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_hashed_files(item, base) for item in value]
-    if isinstance(value, str) and value.startswith("/"):
-        path = Path(value)
-        if path.is_relative_to(base) and path.is_file():
+    def hashed(text: str):
+        path = Path(text)
+        if text.startswith("/") and path.is_relative_to(base) and path.is_file():
             return {"sha256": file_sha256(path)}
-    return value
+        return text
+
+    return files.map_strings(value, hashed)
 
 
 def external_data_hashes(source: str, locations: list[str]) -> dict:

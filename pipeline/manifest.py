@@ -1060,6 +1060,15 @@ def _file_problem(path: str) -> str | None:
     return None if stat.S_ISREG(mode) else "is not a regular file"
 
 
+def node_count(path: str) -> int | None:
+    """How many nodes an ONNX file has, from the memoised graph facts (None if it cannot be read).
+
+    The shard planner's size estimate for a graph never converted (pipeline.shard).
+    """
+    graph = _onnx_graph(path)
+    return len(graph.nodes) if isinstance(graph, _Graph) else None
+
+
 def _onnx_graph(path: str) -> _Graph | str:
     info = os.stat(path)
     return _read_graph(path, info.st_mtime_ns, info.st_size)

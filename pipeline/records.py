@@ -71,6 +71,8 @@ class ConvertRecord(TypedDict, total=False):
     repair: dict
     error: str
     step: str | None
+    shard: str | None  # "2/3": the CI shard that converted it (pipeline.shard), None outside sharded builds
+    run: str | None  # that shard's CI run
 
 
 class Sidecar(TypedDict, total=False):
@@ -88,6 +90,7 @@ class Sidecar(TypedDict, total=False):
     placement: dict | None
     verify: dict | None
     warnings: list[str]
+    shard: str | None  # the CI shard that converted it (report: "hit, shard 2/3")
 
 
 T = TypeVar("T")

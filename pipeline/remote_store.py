@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -36,6 +37,7 @@ from pipeline.cache_entry import (
     entry_document,
     file_sha256,
     _warn_stderr,
+    publish,
 )
 from pipeline.files import PARTIAL_SUFFIX
 
@@ -43,10 +45,35 @@ from pipeline.files import PARTIAL_SUFFIX
 CONNECT_TIMEOUT = float(os.environ.get("RKNN_PIPELINE_CACHE_TIMEOUT", "10"))
 READ_TIMEOUT = CONNECT_TIMEOUT * 3
 ATTEMPTS = 3
+# After a failure, the endpoint is skipped for this long by every store of this process (a build opens
+# one per task): a dead endpoint costs one round of timeouts per interval, not one per conversion.
+RETRY_AFTER = 60.0
 _CHUNK = 1 << 20
+
+# Per process, per URL and client configuration (see _context): the file system (an S3 client costs
+# about 0.1 s to make), entries already read (an entry never changes once written, so a hit's
+# lookup, restore and meta read it once), and when the endpoint last failed and why.
+_FILE_SYSTEMS: dict[tuple, tuple] = {}
+_ENTRIES: dict[tuple, dict] = {}
+_FAILED: dict[tuple, tuple[float, str]] = {}
+
+
+def _context(url: str) -> tuple:
+    """What a client for ``url`` depends on: the URL, the process (no client crosses a fork), the
+    AWS_* variables (endpoint, credentials) and the timeouts."""
+    aws = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    return url, os.getpid(), aws, CONNECT_TIMEOUT
 
 
 def _file_system(url: str):
+    """(fsspec file system, root path without scheme) for ``url``, made once per :func:`_context`."""
+    context = _context(url)
+    if context not in _FILE_SYSTEMS:
+        _FILE_SYSTEMS[context] = _new_file_system(url)
+    return _FILE_SYSTEMS[context]
+
+
+def _new_file_system(url: str):
     """(fsspec file system, root path without scheme) for ``url``, with timeouts and retries bounded."""
     import fsspec
 
@@ -73,7 +100,7 @@ class ObjectStore:
         self._signing = signing
         self._fs = None
         self._root = ""
-        self._broken: str | None = None  # set once the endpoint proved unusable: later calls skip it
+        self._context = _context(self.url)
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -92,39 +119,60 @@ class ObjectStore:
 
     def _explain(self, exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}".strip()
+        answer = _server_answer(exc)
+        if answer:
+            text = f"{text} [{answer}]"
         if "bucket does not exist" in text or "NoSuchBucket" in text:
             bucket = self.url.partition("://")[2].split("/")[0]
             return (f"the bucket {bucket!r} does not exist ({self.url}); create it, or point "
                     f"RKNN_PIPELINE_CACHE / the manifest's cache.url at an existing one")
         return text
 
+    @property
+    def _broken(self) -> str | None:
+        """Why the endpoint failed within the last RETRY_AFTER seconds (in any store of this process)."""
+        failed = _FAILED.get(self._context)
+        if failed is None or time.monotonic() - failed[0] > RETRY_AFTER:
+            return None
+        return failed[1]
+
     def _give_up(self, what: str, exc: BaseException) -> None:
-        """Warn once per store for an unusable endpoint; later operations skip it (no repeated waits)."""
+        """Warn once for an unusable endpoint; operations skip it for RETRY_AFTER s (no repeated waits)."""
         reason = self._explain(exc)
         if self._broken is None:
             self._warn(f"cache {self.url}: {what} failed ({reason}); building without the remote cache")
-        self._broken = reason
+        _FAILED[self._context] = (time.monotonic(), reason)
 
     # -- the store ---------------------------------------------------------------------------
 
     def _read_entry(self, key: str) -> dict | None:
+        """The entry's JSON (one GET, remembered for this process), or None when there is none."""
+        remembered = _ENTRIES.get((self._context, key))
+        if remembered is not None:
+            return remembered
         fs = self._open()
         try:
-            data = fs.cat_file(self._entry(key))
+            data = fs.cat_file(self._entry(key), max_concurrency=1)  # one GET: no HEAD for its size first
         except FileNotFoundError as exc:
             if "bucket does not exist" in str(exc):
                 raise
             return None
         try:
-            return json.loads(data)
+            entry = json.loads(data)
         except ValueError as exc:
             raise CorruptEntry(f"entry is not JSON ({exc})") from None
+        if isinstance(entry, dict):
+            _ENTRIES[(self._context, key)] = entry
+        return entry
 
     def has(self, key: str) -> bool:
+        """One GET of the entry (not a HEAD): a hit's restore then reads it from memory."""
         if self._broken:
             return False
         try:
-            return self._open().exists(self._entry(key))
+            return self._read_entry(key) is not None
+        except CorruptEntry:
+            return True  # there is an entry; get() says what is wrong with it
         except Exception as exc:  # noqa: BLE001  (any client or network failure is a miss)
             self._give_up("a lookup", exc)
             return False
@@ -152,13 +200,10 @@ class ObjectStore:
                 return None
             records = checked_records(key, entry, self._signing)
             dest_dir.mkdir(parents=True, exist_ok=True)
-            for name, record in records.items():
+            for name in records:
                 temps[name] = dest_dir / f".{name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
-                self._download(record, temps[name])
-            restored = {}
-            for name, temp in temps.items():
-                os.replace(temp, dest_dir / name)
-                restored[name] = dest_dir / name
+            _each(lambda name: self._download(records[name], temps[name]), list(records))
+            restored = publish(temps, dest_dir)
             temps.clear()
             return restored
         except (CorruptEntry, SignatureError) as exc:
@@ -175,7 +220,9 @@ class ObjectStore:
         """Fetch one blob into ``temp``, checking its size and sha256 on the way."""
         digest = hashlib.sha256()
         size = 0
-        with self._open().open(self._blob(record["sha256"]), "rb") as source, open(temp, "xb") as out:
+        # The recorded size saves a HEAD per file; a blob of another size fails the check below.
+        with self._open().open(self._blob(record["sha256"]), "rb", size=record["size"]) as source, \
+                open(temp, "xb") as out:
             while chunk := source.read(_CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
@@ -198,12 +245,42 @@ class ObjectStore:
             fs = self._open()
             if fs.exists(self._entry(key)):
                 return
-            for name, source in files.items():
+
+            def upload(name: str) -> None:
                 blob = self._blob(records[name]["sha256"])
                 if not fs.exists(blob):
-                    fs.put_file(str(source), blob)
+                    fs.put_file(str(files[name]), blob)
+
+            _each(upload, list(files))
             entry = entry_document(key, records, meta, self._signing)
             # Last: the entry vouches for blobs that are already there.
             fs.pipe_file(self._entry(key), json.dumps(entry, indent=2, sort_keys=True).encode())
         except Exception as exc:  # noqa: BLE001  (a denied or failed upload is a skipped upload)
             self._give_up(f"storing entry {key}", exc)
+
+
+def _each(action: Callable[[str], None], names: list[str]) -> None:
+    """``action`` for every name at once (an entry's few files cost one round trip, not one each);
+    returns when all have finished, raising the first failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(names) <= 1:
+        for name in names:
+            action(name)
+        return
+    with ThreadPoolExecutor(max_workers=min(len(names), 8)) as pool:
+        for _ in pool.map(action, names):
+            pass
+
+
+def _server_answer(exc: BaseException) -> str | None:
+    """"HTTP 500 InternalError" from the client error behind ``exc`` (s3fs rewords it as an OSError)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            code = (response.get("Error") or {}).get("Code")
+            return " ".join(str(part) for part in (status and f"HTTP {status}", code) if part) or None
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None

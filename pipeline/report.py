@@ -118,7 +118,34 @@ def _row(record: dict) -> dict:
             "passed": passed if isinstance(passed, bool) else None,
         },
         "total_cycles": _int(placement.get("total_cycles")),
+        "repair": _repair_text(_dict(record.get("repair"))),
+        "layer_accuracy": _layer_accuracy(record.get("accuracy_layers")),
     }
+
+
+def _repair_text(repair: dict) -> str | None:
+    """``repaired: 2 float layers, cos 0.6121 -> 0.9999`` when a repair kept layers in float."""
+    layers = len(_list(repair.get("float_layers")))
+    if not layers or repair.get("ok") is False:  # a failed search says so in the error
+        return None
+    before, after = _number(repair.get("cosine_before")), _number(repair.get("cosine_after"))
+    text = f"repaired: {layers} float layer{'s' if layers != 1 else ''}"
+    return text + (f", cos {before:.4f} -> {after:.4f}" if before is not None and after is not None else "")
+
+
+def _layer_accuracy(layers) -> list[dict]:
+    """The per-layer analysis (accuracy.json's layers) that can be drawn: named, with a single-layer cosine."""
+    from pipeline.accuracy import BOOKKEEPING  # standard library only, like this module
+
+    found = []
+    for layer in map(_dict, _list(layers)):
+        single = _number(_dict(layer.get("single")).get("cosine"))
+        if single is None or not layer.get("node") or {layer.get("toolkit_op"), layer.get("op_type")} & BOOKKEEPING:
+            continue
+        found.append({"label": f"{_text(layer.get('node'))} ({_text(layer.get('op_type'), '?')})",
+                      "tensor": _text(layer.get("tensor")), "single": single,
+                      "entire": _number(_dict(layer.get("entire")).get("cosine"))})
+    return found
 
 
 def _sum(rows: list[dict], key) -> int | float | None:
@@ -234,7 +261,8 @@ def _cells(row: dict) -> list[str]:
         row["model"], row["target"], _versions(row), row["status"], _seconds(row["convert_seconds"]),
         _cache(row["cache_hit"], row["shard"]), human_size(row["rknn_size"]), _count(row["npu"]), _count(row["cpu"]),
         _tally(row["cpu_by_op"]) or DASH, _overrides(row["overrides"]), str(row["rewrites"]),
-        str(len(row["disagreements"])), _cosine(accuracy["min_cosine"]), _verdict(accuracy["passed"]),
+        str(len(row["disagreements"])), _cosine(accuracy["min_cosine"]),
+        _verdict(accuracy["passed"]) + (f" ({row['repair']})" if row["repair"] else ""),
         _count(row["total_cycles"]),
     ]
 
@@ -295,6 +323,17 @@ def render_markdown(summary: dict) -> str:
         lines += [f"  - {_md(_layer_label(layer))}" for layer in row["cpu_layers"]]
     if not fallbacks:
         lines.append("No layer falls back to the CPU.")
+
+    analysed = [row for row in rows if row["layer_accuracy"]]
+    if analysed:
+        lines += ["", "## Per-layer accuracy", "",
+                  "The toolkit's per-layer analysis (simulator): the layers that lose the most on their own."]
+        for row in analysed:
+            worst = sorted(row["layer_accuracy"], key=lambda layer: layer["single"])[:5]
+            lines.append(f"- **{_md(row['model'])} / {_md(row['target'])}**")
+            lines += [f"  - {_md(layer['label'])}: single cos {layer['single']:.4f}"
+                      + (f", entire cos {layer['entire']:.4f}" if layer["entire"] is not None else "")
+                      for layer in worst]
 
     failures = [row for row in rows if row["error"]]
     if failures:
@@ -391,6 +430,52 @@ def _chart(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def _layer_chart(row: dict) -> str:
+    """One bar per analysed layer, in network order: its cosine on its own (int8 against float).
+
+    Bars below the model's accuracy threshold are drawn in the warning colour;
+    the whole-model-so-far ("entire") cosine is written after each bar.
+    """
+    layers = row["layer_accuracy"]
+    threshold = row["accuracy"]["threshold"] if row["accuracy"]["threshold"] is not None else 0.99
+    label_width = 12 + 7 * max(len(_short(layer["label"])) for layer in layers)
+    width = label_width + BAR_WIDTH + 230
+    height = ROW_PITCH * len(layers) + 6
+    title = f"{row['model']} / {row['target']}"
+    parts = [f'<svg class="layers" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="per-layer cosine of {_e(title)}">']
+    for index, layer in enumerate(layers):
+        y = index * ROW_PITCH
+        text_y = y + BAR_HEIGHT - 5
+        value = max(layer["single"], 0.0)
+        bar_class = "cpu-bar" if layer["single"] < threshold else "npu"
+        entire = f", entire {layer['entire']:.4f}" if layer["entire"] is not None else ""
+        parts.append(f'<g class="layer" data-single="{layer["single"]}">')
+        parts.append(f'<text x="{label_width - 8}" y="{text_y}" text-anchor="end">{_e(_short(layer["label"]))}</text>')
+        parts.append(f'<rect class="{bar_class}" x="{label_width}" y="{y}" width="{BAR_WIDTH * value:.1f}" '
+                     f'height="{BAR_HEIGHT}"><title>{_e(layer["label"])}, tensor {_e(layer["tensor"])}: single '
+                     f'{layer["single"]:.4f}{_e(entire)}</title></rect>')
+        parts.append(f'<text x="{label_width + BAR_WIDTH * value + 6:.1f}" y="{text_y}">'
+                     f'{layer["single"]:.4f}{_e(entire)}</text>')
+        parts.append("</g>")
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _layer_charts(rows: list[dict]) -> str:
+    analysed = [row for row in rows if row["layer_accuracy"]]
+    if not analysed:
+        return ""
+    parts = ["<h2>Per-layer accuracy</h2>",
+             '<p class="totals">The toolkit\'s per-layer analysis on its simulator: each layer\'s cosine on its own '
+             "(int8 against float, exact inputs), in network order; bars below the accuracy threshold are "
+             "highlighted, and the cosine of the whole model up to that layer follows.</p>"]
+    for row in analysed:
+        parts.append(f"<h3>{_e(row['model'])} / {_e(row['target'])}</h3>")
+        parts.append(_layer_chart(row))
+    return "\n".join(parts)
+
+
 def _details(summary: str, items: list[str], wrap: str = "ul") -> str:
     if not items:
         return _e(summary)
@@ -451,6 +536,7 @@ def render_html(summary: dict) -> str:
 <h2>Conversions</h2>
 <p class="totals">Rows with CPU fallbacks are highlighted; cycles are the compiler's estimate.</p>
 {table}
+{_layer_charts(rows)}
 </main>
 </body>
 </html>
@@ -460,11 +546,11 @@ def render_html(summary: dict) -> str:
 # --- files ---------------------------------------------------------------------
 
 
-def write_report(records: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.md`` atomically; return their paths."""
-    out_dir = Path(out_dir)
+def write_report(records: list[dict], html_path: Path, md_path: Path) -> tuple[Path, Path]:
+    """Write the HTML and Markdown reports atomically (where :class:`pipeline.layout.Layout` says);
+    return their paths."""
+    html_path, md_path = Path(html_path), Path(md_path)
     summary = build_report(records)
-    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     atomic_write_text(html_path, render_html(summary))
     atomic_write_text(md_path, render_markdown(summary))
     return html_path, md_path

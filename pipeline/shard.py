@@ -48,7 +48,6 @@ FANIN_ENV = "RKNN_PIPELINE_FANIN"
 SHARD_ENV = "RKNN_PIPELINE_SHARD"
 RUN_ENV = "RKNN_PIPELINE_RUN"
 MAX_MATRIX = 256  # GitHub Actions' limit of jobs per matrix
-_PACKAGE = Path(__file__).resolve().parent
 
 
 class ShardError(PipelineError, ValueError):
@@ -167,28 +166,24 @@ PLANNING_CODE = ("analysis.py", "resolution.py", "rewrite.py", "placement_rules.
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
     """The conversion code's digest (pipeline.identity) plus the code that plans a conversion."""
-    from pipeline.identity import code_digest as conversion_code
+    from pipeline.identity import code_digest as conversion_code, source_digest
 
-    digest = hashlib.sha256(conversion_code().encode())
-    for relative in PLANNING_CODE:
-        path = _PACKAGE / relative
-        if path.is_file():
-            digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+    return source_digest(PLANNING_CODE, hashlib.sha256(conversion_code().encode()))
 
 
 def _portable(value, directory: str):
     """Every file path in an effective model becomes its content hash; nothing machine-local stays."""
-    if isinstance(value, dict):
-        return {k: _portable(v, directory) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_portable(v, directory) for v in value]
-    if isinstance(value, str) and os.path.isabs(value):
-        if os.path.isfile(value):
-            return {"sha256": file_digest(value)}
-        if value.startswith(directory):
-            return os.path.relpath(value, directory)
-    return value
+    from pipeline.files import map_strings
+
+    def portable(text: str):
+        if os.path.isabs(text):
+            if os.path.isfile(text):
+                return {"sha256": file_digest(text)}
+            if text.startswith(directory):
+                return os.path.relpath(text, directory)
+        return text
+
+    return map_strings(value, portable)
 
 
 def pair_document(manifest, model: dict, target: str) -> dict:
@@ -218,20 +213,25 @@ def hint_key(manifest, model: dict, target: str) -> str:
 # -- cost --------------------------------------------------------------------
 
 def estimate_seconds(model: dict, target: str) -> float:
-    """A duration guess from sizes alone, for pairs never converted: worker start, graph, calibration, verify.
+    """A duration guess for a pair never converted: worker start, graph compilation, calibration, verify.
 
-    The coefficients are rough (measured on the example models, see docs/scaling.md);
-    they only need to rank pairs, and a recorded duration replaces them after one build.
+    Compilation and the simulator scale with the number of nodes (from the
+    memoised graph facts, so no ONNX parse on a warm machine) more than with
+    weight bytes. The coefficients are rough; they only need to rank pairs, and
+    a recorded duration replaces them after one build (docs/scaling.md).
     """
+    from pipeline.manifest import node_count
+
     size_mb = os.path.getsize(model["source"]) / 1e6
+    nodes = node_count(model["source"]) or 0
     quant = model.get("quantization") or {}
     samples = len(quant.get("samples") or ()) if quant else 0
     verify = model.get("verify") or {}
     checks = verify.get("samples", 0) if isinstance(verify, dict) else 0
-    seconds = 0.5 + 0.4 * size_mb                       # load, optimise, compile, export
-    seconds += 0.05 * size_mb * checks                  # simulator runs for verify
+    graph = 0.005 * nodes + 0.4 * size_mb                # load, optimise, compile, export
+    seconds = 0.3 + graph + 0.2 * graph * checks          # simulator runs for verify
     if quant:
-        seconds += 0.5 + 0.15 * size_mb * max(samples, 1)   # calibration passes
+        seconds += graph * (0.5 + 0.1 * max(samples, 1))  # calibration passes
     return round(seconds, 3)
 
 

@@ -8,6 +8,7 @@ writes the deliverables in ``dist/`` with their provenance.
 
 from __future__ import annotations
 
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -145,18 +146,29 @@ def detail_lines(record: dict) -> list[str]:
     return lines
 
 
-def prestart_conversion(manifest, layout, model: dict, target: str, resolved: dict) -> None:
-    """Start the toolkit's import now if this pair will be converted rather than restored from the
-    cache, so the import overlaps the analysis and resolution still to run."""
+def prestart_conversion(manifest, layout, model: dict, target: str, resolved: dict | None = None) -> None:
+    """Start the toolkit's import now if this pair will be converted, so the import overlaps the
+    analysis and resolution still to run.
+
+    An analysis that runs means the pair changed, so it converts, unless a cache holds it:
+    without a cache the import starts at ``analyze``; with one, at ``resolve`` (``resolved``
+    given), where the conversion's key is known and a hit starts nothing.
+    """
     from pipeline import conversion
 
-    store = open_cache(manifest)
-    resolved, key, _ = repair_choice(manifest, layout, model, target, resolved)
-    if store is not None and store.has(key):
-        return
     if fanin_mode():
         return  # the fan-in restores or fails; it never starts the toolkit
-    conversion.prestart_worker(conversion.make_job(model, target, resolved, layout.pair(model["name"], target)))
+    if resolved is None:
+        from pipeline import cache
+
+        if os.environ.get(cache.ENV_VAR) or manifest.cache_url:
+            return
+    else:
+        store = open_cache(manifest)
+        resolved, key, _ = repair_choice(manifest, layout, model, target, resolved)
+        if store is not None and store.has(key):
+            return
+    conversion.prestart_worker(conversion.make_job(model, target, resolved or {}, layout.pair(model["name"], target)))
 
 
 def open_cache(manifest):
@@ -512,13 +524,17 @@ def lock_entry(sidecar: dict) -> dict:
     return entry
 
 
-def write_lock(manifest, layout) -> Path:
-    entries, artifacts = {}, {}
+def _sidecars(manifest, layout):
+    """(model, target, its sidecar or None) for every pair of the manifest, in manifest order."""
     for model in manifest.models:
         for target in model["targets"]:
-            sidecar = SIDECAR.read(layout.sidecar(model["name"], target), missing_ok=True)
-            if sidecar is None:
-                continue
+            yield model, target, SIDECAR.read(layout.sidecar(model["name"], target), missing_ok=True)
+
+
+def write_lock(manifest, layout) -> Path:
+    entries, artifacts = {}, {}
+    for model, target, sidecar in _sidecars(manifest, layout):
+        if sidecar is not None:
             key = f"{target}/{model['name']}"
             entries[key] = lock_entry(sidecar)
             artifacts[key] = sidecar["rknn"]
@@ -530,20 +546,21 @@ def write_lock(manifest, layout) -> Path:
 def report_records(manifest, layout) -> list[dict]:
     """One record per model x target: its sidecar, or the failure that stopped it."""
     records = []
-    for model in manifest.models:
-        for target in model["targets"]:
-            sidecar = SIDECAR.read(layout.sidecar(model["name"], target), missing_ok=True)
-            if sidecar is None:
-                converted = CONVERT.read(layout.convert_record(model["name"], target), missing_ok=True) or {}
-                refused = files.read_json(layout.export_error(model["name"], target)) or {}
-                error = converted.get("error") or refused.get("error")
-                sidecar = {"model": model["name"], "target": target, "status": "failed" if error else "not built",
-                           "error": error, "placement": converted.get("placement")}
-            records.append(sidecar)
+    for model, target, sidecar in _sidecars(manifest, layout):
+        if sidecar is None:
+            converted = CONVERT.read(layout.convert_record(model["name"], target), missing_ok=True) or {}
+            refused = files.read_json(layout.export_error(model["name"], target)) or {}
+            error = converted.get("error") or refused.get("error")
+            sidecar = {"model": model["name"], "target": target, "status": "failed" if error else "not built",
+                       "error": error, "placement": converted.get("placement"), "repair": converted.get("repair")}
+        analysis = files.read_json(layout.accuracy(model["name"], target))
+        if analysis and analysis.get("layers"):  # drawn per layer by the report
+            sidecar = {**sidecar, "accuracy_layers": analysis["layers"]}
+        records.append(sidecar)
     return records
 
 
 def write_report(manifest, layout) -> tuple[Path, Path]:
     from pipeline.report import write_report as render
 
-    return render(report_records(manifest, layout), layout.build)
+    return render(report_records(manifest, layout), layout.report_html(), layout.report_md())

@@ -55,7 +55,7 @@ def context():
     from pipeline.manifest import ManifestError, load_manifest
     from pipeline.toolkit import installed_version
 
-    path = Path(get_var("manifest", "models.yaml"))
+    path = _manifest_path()
     try:
         manifest = load_manifest(path)
     except ManifestError as exc:
@@ -66,7 +66,31 @@ def context():
                        f"but {installed or 'none'} is installed; install rknn-toolkit2=={manifest.toolkit} "
                        f"(uv sync) or update `toolkit:`")
     _hold_tree_lock(manifest.directory)
+    # Children started by spawn (doit -n N where fork is not the start method) inherit the environment
+    # only, not this process's memory: tell them which manifest, and that the tree is already locked.
+    os.environ[MANIFEST_ENV] = str(path.resolve())
+    os.environ[LOCK_ENV] = f"{os.getpid()}:{manifest.directory.resolve()}"
     return manifest, Layout(manifest.directory)
+
+
+MANIFEST_ENV = "RKNN_PIPELINE_MANIFEST"  # set by the process that loaded it, read by its spawned children
+LOCK_ENV = "RKNN_PIPELINE_TREE_LOCKED"  # "<pid>:<directory>" of the process holding the tree lock
+
+
+def _manifest_path() -> Path:
+    """``doit manifest=...``; in a spawned child, where doit's variables are not set, the parent's choice."""
+    chosen = get_var("manifest", "models.yaml")  # None only where doit never parsed a command line
+    if chosen is None and _parent_holds_lock(None):
+        chosen = os.environ.get(MANIFEST_ENV)
+    return Path(chosen or "models.yaml")
+
+
+def _parent_holds_lock(directory: Path | None) -> bool:
+    """True in a child of the process that holds the tree lock (for ``directory``, when given)."""
+    holder, _, locked = os.environ.get(LOCK_ENV, "").partition(":")
+    if not holder.isdigit() or int(holder) != os.getppid():
+        return False
+    return directory is None or Path(locked) == Path(directory).resolve()
 
 
 _LOCK_HANDLE = None
@@ -80,8 +104,8 @@ def _hold_tree_lock(directory: Path) -> None:
     never leaves a stale lock). ``RKNN_PIPELINE_LOCK_WAIT`` caps the wait in seconds.
     """
     global _LOCK_HANDLE
-    if _LOCK_HANDLE is not None:
-        return
+    if _LOCK_HANDLE is not None or _parent_holds_lock(directory):
+        return  # held by this process, or by the doit run that started this worker process
     handle = open(directory / ".doit.lock", "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -174,7 +198,7 @@ def convert_key(model: dict, target: str, base: Path) -> dict:
     quant = model.get("quantization") or {}
     return {"format": PIPELINE_FORMAT, "versions": versions(), "code": code_digest(), "arguments": args,
             "toolkit": model.get("toolkit"),
-            "hybrid": quant.get("hybrid"), "verify": model.get("verify")}
+            "hybrid": quant.get("hybrid"), "repair": quant.get("repair"), "verify": model.get("verify")}
 
 
 def export_key(model: dict, target: str) -> dict:
@@ -186,7 +210,7 @@ def export_key(model: dict, target: str) -> dict:
 # -- actions (module level: picklable for doit -n N) --------------------------
 
 def run_analyze(name: str, target: str) -> TaskFailed | None:
-    from pipeline import analysis
+    from pipeline import analysis, stages
     from pipeline.placement_rules import Rules
 
     manifest, layout = context()
@@ -195,6 +219,7 @@ def run_analyze(name: str, target: str) -> TaskFailed | None:
     def action():
         doc = analysis.analyze(model, target, Rules.load())
         ANALYSIS.write(layout.analysis(name, target), doc)
+        stages.prestart_conversion(manifest, layout, model, target)
         print(f"analyze {name}@{target}  {analysis.summary_line(doc)}")
 
     return as_task_failure(action, f"{manifest.location('models', model['index'], 'source')}: {name}@{target}: ")

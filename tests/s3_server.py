@@ -139,12 +139,14 @@ class FaultProxy:
                     data = answer.read()
                 finally:
                     upstream.close()
-                cut = mode == "cut" and self.command == "GET" and answer.status == 200 and len(data) > 1
+                cut = mode == "cut" and self.command == "GET" and answer.status in (200, 206) and len(data) > 1
                 self.send_response(answer.status)
                 for key, value in answer.getheaders():
                     if key.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body but tells the object's size (what a client's open() reads)
+                length = answer.getheader("Content-Length", "0") if self.command == "HEAD" else len(data)
+                self.send_header("Content-Length", str(length))
                 self.end_headers()
                 if cut:
                     self.wfile.write(data[: len(data) // 2])

@@ -60,6 +60,16 @@ def test_worst_layers_are_named_by_node_and_skip_bookkeeping():
     assert "relu2 (Relu, tensor r2): single cos 0.5643, entire cos 0.5643" in lines[1]
 
 
+def test_a_fused_layer_is_placed_in_its_anchor_s_row_of_the_layer_table():
+    layers = accuracy.name_layers(accuracy.parse_error_analysis(FIXTURE.read_text()), PRODUCERS)
+    table = [{"node": "conv2", "full_name": "Conv:conv2", "op_type": "ConvRelu"},
+             {"node": "conv3", "full_name": "Conv:conv3", "op_type": "Conv"}]
+    placed = {layer["tensor"]: layer for layer in accuracy.place_layers(layers, table)}
+    assert placed["r2"]["anchor"] == "conv2" and placed["r2"]["layer"] == "Conv:conv2 (ConvRelu)"
+    assert placed["y_int8"]["layer"] == "Conv:conv3 (Conv)" and placed["r0"]["layer"] is None
+    assert "relu2 (Relu, tensor r2, layer Conv:conv2 (ConvRelu)): single cos 0.5643" in accuracy.describe(placed["r2"])
+
+
 def test_an_analysis_error_is_quoted_not_hidden():
     assert accuracy.failure_lines({"error": "The input shape is wrong"}) == [
         "per-layer analysis could not run: The input shape is wrong"]
@@ -107,7 +117,7 @@ def test_failed_int8_check_names_the_layer_the_outlier_breaks(tmp_path):
     worst = accuracy.worst_layers(analysis["layers"])
     # The outlier channel lives in relu1's output; the layer that consumes it (conv2 + relu2) breaks.
     assert worst[0]["node"] in ("conv2", "relu2") and worst[0]["single"]["cosine"] < 0.9
-    assert f"{worst[0]['node']} ({worst[0]['op_type']}, tensor {worst[0]['tensor']})" in message
+    assert f"{worst[0]['node']} ({worst[0]['op_type']}, tensor {worst[0]['tensor']}, layer Conv:conv2" in message
     assert not (workdir / "work" / "analysis" / "snapshot").exists()  # the toolkit's tensor dumps are removed
 
 
@@ -218,3 +228,124 @@ def test_hand_written_hybrid_ranges_are_checked_against_the_layer_table(tmp_path
         return
     with pytest.raises(ConversionFailed, match=r"tensor 'x_int8' -> layer InputOperator:x \(InputOperator\) is INT8"):
         convert(model, "rk3588", {}, workdir)
+
+
+def test_repair_adds_to_hand_written_ranges_and_never_removes_them(tmp_path):
+    import yaml
+
+    from pipeline import worker
+
+    cfg = tmp_path / "m.quantization.cfg"
+    order = ["x", "c0", "r0", "c1", "r1", "c2", "r2", "y"]
+    cfg.write_text(yaml.safe_dump({"custom_quantize_layers": {}, "quantize_parameters": {t: {} for t in order}},
+                                  sort_keys=False))
+    custom = worker._add_custom_hybrid_layers(cfg, [{"start": "c0", "end": "r0", "dtype": "int16"}],
+                                              ["r0", "c2", "not_quantized"])
+    assert custom == {"c0": "int16", "r0": "int16", "c2": "float16"}  # the hand-written range wins its tensors
+    assert yaml.safe_load(cfg.read_text())["custom_quantize_layers"] == custom
+
+
+def _example(name: str) -> str:
+    """One model's block of the repository's models.yaml, under its header and defaults."""
+    text = (REPO / "models.yaml").read_text()
+    head = text[:text.index("models:")]
+    start = text.index(f"  - name: {name}")
+    end = text.find("\n  - name:", start + 1)
+    return head + "models:\n" + text[start:end if end > 0 else None].rstrip() + "\n"
+
+
+@pytest.mark.toolkit
+def test_the_repaired_example_records_its_choice_and_a_rebuild_reuses_it(tmp_path):
+    from conftest import Project
+
+    project = Project(tmp_path)
+    project.write_manifest(_example("outlier_repaired"))
+    first = project.doit()
+    line = next(line for line in first.stdout.splitlines() if line.startswith("convert outlier_repaired@rk3588"))
+    assert "repaired: 2 float layers, cos 0.6" in line, line
+    pair = project.root / "build" / "outlier_repaired" / "rk3588"
+    choice = json.loads((pair / "resolved.json").read_text())["repair"]
+    assert set(choice["float_layers"]) == {"conv1", "conv2"} and choice["cosine_after"] >= 0.99
+    sidecar = json.loads((project.root / "dist" / "rk3588" / "outlier_repaired.json").read_text())
+    assert sidecar["repair"]["float_tensors"] == choice["float_tensors"]
+    lock = json.loads((project.root / "dist" / "models.lock.json").read_text())
+    assert lock["entries"]["rk3588/outlier_repaired"]["repair"]["float_tensors"] == choice["float_tensors"]
+    assert "repair: keeping" in (pair / "convert.log").read_text()
+
+    project.doit("forget", "convert:outlier_repaired@rk3588")
+    second = project.doit()
+    assert "convert:outlier_repaired@rk3588" in Project.ran(second)
+    assert "repair: keeping" not in (pair / "convert.log").read_text()  # built with the choice, no search
+    record = json.loads((pair / "convert.json").read_text())
+    assert record["repair"]["reused"] and record["repair"]["attempts"] == [] and record["verify"]["passed"]
+    assert "(choice reused)" in second.stdout
+
+
+def test_the_report_draws_each_analysed_layer_and_the_repair():
+    from pipeline import report
+
+    layers = accuracy.name_layers(accuracy.parse_error_analysis(FIXTURE.read_text()), PRODUCERS)
+    records = [{"model": "outlier", "target": "rk3588", "status": "ok", "accuracy_layers": layers,
+                "verify": {"min_cosine": 0.99, "passed": True, "outputs": [{"cosine": 0.9999}]},
+                "repair": {"float_layers": ["conv2", "conv1"], "cosine_before": 0.6121, "cosine_after": 0.9999}},
+               {"model": "plain", "target": "rk3588", "status": "ok"}]
+    summary = report.build_report(records)
+    page = report.render_html(summary)
+    assert page.count('<g class="layer"') == 4  # relu0, relu1, relu2, conv3: the layers with a measured cosine
+    assert 'data-single="0.56433"' in page and "relu2 (Relu)" in page
+    text = report.render_markdown(summary)
+    assert "## Per-layer accuracy" in text and "relu2 (Relu): single cos 0.5643, entire cos 0.5643" in text
+    assert "pass (repaired: 2 float layers, cos 0.6121 -\\> 0.9999)" in text  # ">" escaped for Markdown
+
+
+@pytest.mark.toolkit
+def test_repair_works_on_a_rewritten_model_with_an_override(tmp_path):
+    """The repair builds what resolution made (a rewritten ONNX, op_target) and never drops it."""
+    import shutil
+
+    from pipeline.conversion import convert
+
+    model = _outlier_model(tmp_path, {"samples": 2, "min_cosine": 0.99})
+    model["quantization"]["repair"] = {"min_cosine": 0.99, "max_float_layers": 4}
+    rewritten = tmp_path / "rewritten.onnx"
+    shutil.copy(model["source"], rewritten)
+    resolved = {"converted_onnx": str(rewritten), "op_target": {"r0": "npu"}}
+    workdir = tmp_path / "out"
+    record = convert(model, "rk3588", resolved, workdir)
+    assert record["repair"]["ok"] and set(record["repair"]["float_layers"]) == {"conv1", "conv2"}
+    assert record["op_target"] == {"r0": "npu"} and record["converted_onnx"] == str(rewritten)
+    cfg = (workdir / "work" / "rewritten.quantization.cfg").read_text()
+    assert "c1: float16" in cfg and "c2: float16" in cfg
+
+
+@pytest.mark.toolkit
+def test_a_repair_choice_is_part_of_the_cache_key_and_is_restored(tmp_path):
+    """The search is stored under its own key and under the key with its choice: a fresh checkout
+    restores the search's entry and records the choice, and its next build restores by the choice."""
+    from conftest import Project
+
+    cache = tmp_path / "cache"
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first = Project(tmp_path / "a")
+    first.env["RKNN_PIPELINE_CACHE"] = str(cache)
+    first.write_manifest(_example("outlier_repaired"))
+    first.doit()
+    entries = [json.loads(entry.read_text()) for entry in cache.rglob("entry.json")]
+    conversions = [entry for entry in entries if "model.rknn" in entry["files"]]
+    assert len(conversions) == 2  # under the search's key and under the key with its choice
+
+    second = Project(tmp_path / "b")  # another checkout, no build/ yet
+    second.env["RKNN_PIPELINE_CACHE"] = str(cache)
+    second.write_manifest(_example("outlier_repaired"))
+    run = second.doit()
+    assert "(cache hit)" in run.stdout and "repaired: 2 float layers" in run.stdout
+    pair = second.root / "build" / "outlier_repaired" / "rk3588"
+    choice = json.loads((pair / "resolved.json").read_text())["repair"]
+    assert set(choice["float_layers"]) == {"conv1", "conv2"}
+    second.doit("forget", "convert:outlier_repaired@rk3588")
+    again = second.doit()
+    assert "(cache hit)" in again.stdout
+    record = json.loads((pair / "convert.json").read_text())
+    assert record["cache"]["hit"] and record["cache"]["key"] != json.loads(
+        (first.root / "build" / "outlier_repaired" / "rk3588" / "convert.json").read_text())["cache"]["key"]

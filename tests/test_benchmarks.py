@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "run.py"
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore", "6 scale",
-            "7 large model", "8 worker model", "9 shapes")
+            "7 large model", "8 worker model", "9 shapes", "10 repair", "11 shards",
+            "12 shared cache")
 HEADER = ["section", "measurement", "unit", "median", "min", "max", "runs"]
 
 

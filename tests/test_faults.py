@@ -68,6 +68,7 @@ def _assert_clean(project: Project) -> None:
     assert status.returncode in (0, 1) and "up to date" in status.stdout, status.stderr  # database readable
 
 
+@pytest.mark.toolkit  # the rerun converts both models with the real toolkit
 def test_a_worker_killed_by_a_signal_fails_its_task_and_reruns_next_time(tmp_path):
     project = _project(tmp_path)
     _fake_worker(project, "kill -SEGV $$")

@@ -313,3 +313,24 @@ def test_a_dead_zygote_makes_the_build_fall_back_once_and_carry_on(in_process, c
     err = capsys.readouterr().err
     assert err.count(FALLBACK) == 1 and "was killed by signal SIGKILL" in err, err
     assert not _Zygotes.live
+
+
+@pytest.mark.toolkit
+def test_a_forked_child_past_its_timeout_is_killed_with_its_group_and_the_zygote_goes_on(in_process):
+    from pipeline.stages import StageFailed
+
+    run = in_process(SMALL + """\
+  - name: slow
+    source: examples/models/light_inception_v2.onnx
+    inputs: {data_0: [1, 3, 224, 224]}
+    targets: [rk3588]
+    timeout: 1
+""")
+    before = run.convert("pool", "rk3588")
+    zygote = run.zygote()
+    with pytest.raises(StageFailed, match="slow@rk3588: conversion failed at timeout: conversion timed out"):
+        run.convert("slow", "rk3588")
+    assert not _children(zygote.pid)
+    assert not list(run.layout.workdir("slow", "rk3588").glob("model.rknn*"))
+    assert run.zygote() is zygote
+    assert run.convert("pool", "rk3588") == before

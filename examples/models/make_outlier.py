@@ -1,4 +1,4 @@
-"""Regenerate tiny_outlier.onnx (deterministic): uv run python examples/models/make_outlier.py
+"""Regenerate tiny_outlier.onnx and its samples (deterministic): uv run python examples/models/make_outlier.py
 
 A model we wrote to break per-tensor int8 the way real networks sometimes do:
 one output channel of the middle convolution is 2000x larger than the others,
@@ -6,7 +6,9 @@ and the next convolution's weights undo it. In float the model is well
 behaved; quantized with one scale per activation tensor, that channel takes
 the whole int8 range and every other channel rounds to zero, so the output is
 wrong (the accuracy check fails). Keeping the layers around the outlier in
-float16 (``quantization.repair``) fixes it. Weights are seeded random values.
+float16 (``quantization.repair``) fixes it. Weights are seeded random values;
+the calibration samples (``examples/calib/outlier/``) are seeded uniform
+values in [0, 255), NCHW, for ``mean 127.5 / std 127.5``.
 """
 
 from pathlib import Path
@@ -16,6 +18,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
+CALIB = HERE.parent / "calib" / "outlier"
+SAMPLES = 4
 OUTLIER_SCALE = 2000.0
 
 
@@ -50,5 +54,17 @@ def build() -> onnx.ModelProto:
     return model
 
 
+def write_samples(directory: Path = CALIB) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(SAMPLES):
+        path = directory / f"x_{index}.npy"
+        np.save(path, rng.uniform(0, 255, (1, 3, 32, 32)).astype(np.float32))
+        paths.append(path)
+    return paths
+
+
 if __name__ == "__main__":
     onnx.save(build(), str(HERE / "tiny_outlier.onnx"))
+    write_samples()
