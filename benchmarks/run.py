@@ -333,11 +333,7 @@ def prepare_peers(scratch: Scratch, built: Path, manifest: dict) -> Peers:
             source = model["source"]
             if record.get("converted_onnx") and Path(record["converted_onnx"]).name == "rewritten.onnx":
                 source = str(peers.directory / "inputs" / f"{name}@{target}.onnx")
-<<<<<<< HEAD
-                shutil.copy(built / record["converted_onnx"], source)  # recorded relative to the tree
-=======
                 shutil.copy(built / record["converted_onnx"], source)  # recorded relative to the checkout
->>>>>>> main
             args = toolkit_arguments(model, target, source)
             if record.get("op_target"):
                 args["config"]["op_target"] = record["op_target"]
@@ -829,14 +825,8 @@ class Benchmark:
         self.add(section, f"{cores}-core floor: CPU seconds of the `-n 1` run / {cores}", "s", timings["floor"])
         self.add(section, "ratio `-n 2` / floor", "x", ratios(timings["parallel"], timings["floor"]))
         self.add(section, "speed-up -n 1 / -n 2", "x", ratios(timings["serial"], timings["parallel"]))
-<<<<<<< HEAD
         for name, rss in self.worker_rss().items():
             self.add(section, f"peak RSS of the conversion worker, {name}", "MiB", rss)
-=======
-        if rss:
-            self.add(section, "peak RSS per conversion worker interpreter (the zygote of each task process)",
-                     "MiB", rss)
->>>>>>> main
         how = "GNU time's %M" if os.access(GNU_TIME, os.X_OK) else "getrusage(RUSAGE_CHILDREN).ru_maxrss"
         self.note(section, f"Conversions: {pairs} (float16, a model that takes longer to build than the toolkit "
                            f"takes to import), each workspace fresh. The floor is the physical limit on this "
