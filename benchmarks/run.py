@@ -269,14 +269,12 @@ def parallel_manifest() -> dict:
     return {**manifest, "models": [model]}
 
 
-def changed_source(manifest: dict, ws: Path) -> tuple[str, list[str]]:
-    """The smallest source in ``ws`` used by exactly one model x target, and that pair."""
+def changed_sources(manifest: dict) -> dict[str, list[str]]:
+    """Each source file of ``manifest`` -> the model x target pairs built from it, in manifest order."""
     users: dict[str, list[str]] = {}
     for model, target in pairs_of(manifest):
         users.setdefault(model["source"], []).append(f"{model['name']}@{target}")
-    unique = [source for source, names in users.items() if len(names) == 1]
-    source = min(unique, key=lambda s: ((ws / s).stat().st_size, s))
-    return source, users[source]
+    return users
 
 
 # -- the peers: a hand-written loop and the toolkit's rknn_convert ---------------------------
@@ -781,61 +779,93 @@ class Benchmark:
 
     # 3 -------------------------------------------------------------------------------------------
     def one_changed(self, built: Path) -> None:
+        """Each source of the benchmark manifest re-saved in turn: what one edit costs, per real model."""
         section = SECTIONS[2]
-        source, expected = changed_source(self.manifest, built)
-        changed = []
-        for run in range(self.config.repeat):
-            resave_with_doc_string(built / source, f"benchmark edit {run}")
-            seconds, output = self.scratch.doit(built)
-            if sorted(converted(output)) != sorted(expected):
-                raise BenchmarkError(f"after editing {source} doit converted {converted(output)}, "
-                                     f"expected {expected}")
-            changed.append(seconds)
         count = len(pairs_of(self.manifest))
-        self.add(section, f"pipeline: `doit` after re-saving one source ({len(expected)} of {count} rebuilt)",
-                 "s", changed)
-        self.add(section, "ratio one-changed `doit` / hand loop rebuilding all (section 1)", "x",
-                 ratios(changed, self.hand))
-        self.note(section, f"`{Path(source).name}` is re-saved with a new `doc_string` (new bytes, same graph); "
-                           f"doit reruns analyze/resolve/convert/export of {', '.join(expected)} only, then lock "
-                           "and report.")
+        described = []
+        for source, expected in changed_sources(self.manifest).items():
+            changed = []
+            for run in range(self.config.repeat):
+                progress(f"{section}: {Path(source).name}, run {run + 1}/{self.config.repeat}")
+                resave_with_doc_string(built / source, f"benchmark edit {run}")
+                seconds, output = self.scratch.doit(built)
+                if sorted(converted(output)) != sorted(expected):
+                    raise BenchmarkError(f"after editing {source} doit converted {converted(output)}, "
+                                         f"expected {expected}")
+                changed.append(seconds)
+            name = Path(source).name
+            self.add(section, f"pipeline: `doit` after re-saving {name} ({len(expected)} of {count} rebuilt)",
+                     "s", changed)
+            self.add(section, f"ratio {name} re-saved / hand loop rebuilding all (section 1)", "x",
+                     ratios(changed, self.hand))
+            described.append(f"`{name}` ({', '.join(expected)})")
+        self.note(section, "Each source of the benchmark's models is re-saved in turn with a new `doc_string` "
+                           "(new bytes, same graph): " + "; ".join(described) + ". doit reruns "
+                           "analyze/resolve/convert/export of the pairs built from it only, then lock and report.")
 
     # 4 -------------------------------------------------------------------------------------------
     def parallel(self) -> None:
+        """A real-sized model on four targets, -n 1 against -n 2 and the 2-core floor; then each example
+        model's peak worker RSS, one fresh worker process per conversion."""
         section = SECTIONS[3]
-        manifest = parallel_manifest()
+        manifest = self.parallel_manifest()
         model = manifest["models"][0]
-        timings: dict[str, list[float]] = {"serial": [], "parallel": []}
-        rss: list[float] = []
+        timings: dict[str, list[float]] = {"serial": [], "parallel": [], "floor": []}
         modes = {"serial": ["-n", "1"], "parallel": ["-n", "2", "-P", "process"]}
+        cores = os.cpu_count() or 1
         for run in range(self.config.repeat):
             for mode, args in modes.items():
                 progress(f"{section}: {mode} run {run + 1}/{self.config.repeat}")
-                log = self.scratch.path(f"rss-{mode}.txt")
-                env = dict(self.scratch.env, **{WORKER_ENV: str(rss_wrapper(self.scratch, log))})
                 ws = self.scratch.workspace(f"parallel-{mode}", manifest)
-                seconds, output = self.scratch.doit(ws, *args, env=env)
+                cpu = children_cpu()
+                seconds, output = self.scratch.doit(ws, *args)
                 if len(converted(output)) != len(PARALLEL_TARGETS):
                     raise BenchmarkError(f"the parallel build converted {converted(output)}")
                 timings[mode].append(seconds)
-                rss += read_rss_mib(log)
+                if mode == "serial":
+                    timings["floor"].append((children_cpu() - cpu) / cores)
         pairs = f"{model['name']} @ {', '.join(PARALLEL_TARGETS)}"
-        self.add(section, f"`doit -n 1`, {len(PARALLEL_TARGETS)} conversions", "s", timings["serial"])
+        self.add(section, f"`doit -n 1`, {pairs}", "s", timings["serial"])
         self.add(section, "`doit -n 2 -P process`", "s", timings["parallel"])
+        self.add(section, f"{cores}-core floor: CPU seconds of the `-n 1` run / {cores}", "s", timings["floor"])
+        self.add(section, "ratio `-n 2` / floor", "x", ratios(timings["parallel"], timings["floor"]))
         self.add(section, "speed-up -n 1 / -n 2", "x", ratios(timings["serial"], timings["parallel"]))
-        if rss:
-            self.add(section, "peak RSS per conversion worker interpreter (the zygote of each task process)",
-                     "MiB", rss)
+        for name, rss in self.worker_rss().items():
+            self.add(section, f"peak RSS of the conversion worker, {name}", "MiB", rss)
         how = "GNU time's %M" if os.access(GNU_TIME, os.X_OK) else "getrusage(RUSAGE_CHILDREN).ru_maxrss"
-        self.note(section, f"Conversions: {pairs} (the generated Conv+AveragePool 1x3x16x16 model, float16, "
-                           "chosen to keep the benchmark short), each workspace fresh. Peak RSS comes from "
-                           f"{how}, recorded by a wrapper given as {WORKER_ENV}: it wraps "
-                           "the zygote that each task process starts (RSS counts the pages its forked children "
-                           "share with it; section 8 gives unique memory). Both cores are shared with other work, "
-                           "so the speed-up is bounded by 2 and is lower whenever the machine is busy. Each of the "
-                           "`-n 2` task processes imports the toolkit in its own zygote, and that import dominates "
-                           "these tiny conversions, so `-n 2` gains little here; it pays for models that take "
-                           "longer to build than to import.")
+        self.note(section, f"Conversions: {pairs} (float16, a model that takes longer to build than the toolkit "
+                           f"takes to import), each workspace fresh. The floor is the physical limit on this "
+                           f"machine: all the CPU time the `-n 1` build's processes used (user + system, "
+                           f"the toolkit's own threads included), divided by the {cores} cores; `-n 2` cannot "
+                           "beat it, and a ratio near 1 means the cores were kept busy. Both cores are shared "
+                           "with other work while measuring. Peak RSS: each benchmark model built alone with "
+                           f"RKNN_PIPELINE_WORKER=fresh (one worker process per conversion), measured by {how} "
+                           f"through a wrapper given as {WORKER_ENV}; with forked workers each child shares "
+                           "the zygote's pages (section 8 gives unique memory).")
+
+    def parallel_manifest(self) -> dict:
+        """The benchmark's largest float16 model (the tiny one under --tiny) on PARALLEL_TARGETS."""
+        if self.config.tiny:
+            return parallel_manifest()
+        floats = [model for model in self.manifest["models"] if not model.get("quantization")]
+        biggest = max(floats, key=lambda model: (REPO / model["source"]).stat().st_size)
+        return {**self.manifest, "models": [{**biggest, "targets": list(PARALLEL_TARGETS)}]}
+
+    def worker_rss(self) -> dict[str, list[float]]:
+        """model@target -> peak RSS (MiB) of its fresh conversion worker, each model of the manifest alone."""
+        found = {}
+        for model, target in pairs_of(self.manifest):
+            name = f"{model['name']}@{target}"
+            progress(f"{SECTIONS[3]}: peak RSS, {name}")
+            log = self.scratch.path("rss-model.txt")
+            env = dict(self.scratch.env, RKNN_PIPELINE_WORKER="fresh", RKNN_PIPELINE_PREWARM="0",
+                       **{WORKER_ENV: str(rss_wrapper(self.scratch, log))})
+            alone = {**self.manifest, "models": [{**model, "targets": [target]}]}
+            _, output = self.scratch.doit(self.scratch.workspace("rss", alone), env=env)
+            if len(converted(output)) != 1:
+                raise BenchmarkError(f"the RSS build of {name} converted {converted(output)}")
+            found[name] = read_rss_mib(log)
+        return found
 
     # 5 -------------------------------------------------------------------------------------------
     def cache_restore(self) -> None:
