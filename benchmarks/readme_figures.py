@@ -97,11 +97,13 @@ FIGURES: dict[str, Figure] = {
     "repair.inception_cycles": Figure("10 repair", "inception_v2 (rk3588): estimated cycles, repaired / float16",
                                       2),
     "toolkits.sync": Figure("13 toolkit versions", "fresh machine: `uv sync --locked`", 2),
-    "toolkits.cold": Figure("13 toolkit versions", "fresh machine: create the", 2),
-    "toolkits.download": Figure("13 toolkit versions", "uv cache growth", 2),
+    "toolkits.cold": Figure("13 toolkit versions", "fresh machine: create the 2.3.2", 2),
+    "toolkits.download": Figure("13 toolkit versions", "uv cache growth for the 2.3.2", 2),
     "toolkits.warm": Figure("13 toolkit versions", "create the", 2),
     "toolkits.disk": Figure("13 toolkit versions", "disk of the", 1),
     "toolkits.build_cpu": Figure("13 toolkit versions", "extra CPU seconds", 2),
+    "toolkits.own_torch": Figure("13 toolkit versions", "fresh machine: create the 2.2.0", 2),
+    "toolkits.own_torch_download": Figure("13 toolkit versions", "uv cache growth for the 2.2.0", 2),
 }
 
 

@@ -59,6 +59,7 @@ SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5
 NEEDS_BUILD = ("1 cold build", "2 no-op rebuild", "3 one changed", "5 cache restore", "6 scale", "12 shared cache")
 SHAPE_MODELS = ("rec", "rec_dynamic")
 EXTRA_TOOLKIT = "2.3.2"  # the second rknn-toolkit2 version section 13 builds with, in its own environment
+OWN_TORCH_TOOLKIT = "2.2.0"  # a version whose torch range excludes the project's torch: it gets its own
 TOOLKITS_ENV = "RKNN_PIPELINE_TOOLKITS"
 # what `uv sync --locked` needs of a checkout (section 13 syncs a copy into a fresh uv cache, as CI does)
 PROJECT_FILES = ("pyproject.toml", "uv.lock", "README.md", "pipeline", "schema")
@@ -230,6 +231,7 @@ def make_tiny_assets(directory: Path) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from model_makers import make_npy_dataset, make_tiny_model  # the tests' generators, not a copy
 
+    directory.mkdir(parents=True, exist_ok=True)
     make_tiny_model(directory / "tiny.onnx", seed=0)
     make_tiny_model(directory / "tiny_int8.onnx", seed=1)
     make_npy_dataset(directory / "calib")
@@ -1292,6 +1294,14 @@ class Benchmark:
                      ratios([created["create"]], [seconds]))
             self.add(section, f"uv cache growth for the {EXTRA_TOOLKIT} environment", "MiB",
                      [disk_mib([uv_cache]) - before])
+            before = disk_mib([uv_cache])
+            progress(f"{section}: the {OWN_TORCH_TOOLKIT} environment on that machine (cold, its own torch)")
+            own = self.make_toolkit_env(python, self.scratch.path("toolkits-cold"), env, OWN_TORCH_TOOLKIT)
+            self.add(section, f"fresh machine: create the {OWN_TORCH_TOOLKIT} environment after that sync "
+                              "(cold; its torch range excludes the project's, so it downloads its own)",
+                     "s", [own["create"]])
+            self.add(section, f"uv cache growth for the {OWN_TORCH_TOOLKIT} environment", "MiB",
+                     [disk_mib([uv_cache]) - before])
         warm, reuse, unshared = [], [], []
         for run in range(self.config.repeat):
             progress(f"{section}: the {EXTRA_TOOLKIT} environment from a warm uv cache, run {run + 1}/"
@@ -1338,7 +1348,8 @@ class Benchmark:
                 "synced with `uv sync --locked` into an empty `UV_CACHE_DIR`, as `.ci/run` does, then "
                 f"`python_for(\"{EXTRA_TOOLKIT}\")` creates that version's environment in an empty "
                 f"`{TOOLKITS_ENV}` directory from what the sync left in the uv cache; the growth of the cache is "
-                "what that version downloaded. " if not self.config.tiny else "")
+                f"what that version added; {OWN_TORCH_TOOLKIT} follows the same way, after it. "
+                if not self.config.tiny else "")
         self.note(section, cold + f"Warm: `python_for(\"{EXTRA_TOOLKIT}\")` in an empty `{TOOLKITS_ENV}` "
                   "directory each run, from a uv cache that has everything; \"again\" is a second call in the "
                   "same process, which finds the environment. Unshared disk counts the environment's files "
@@ -1348,9 +1359,9 @@ class Benchmark:
                   "much less); each run's two-version files "
                   "are read back with `pipeline.rknn_file` and must name the toolkit asked for.")
 
-    def make_toolkit_env(self, python: str, toolkits: Path, env: dict) -> dict:
-        """Time ``python_for(EXTRA_TOOLKIT)`` with an empty toolkits directory, and a second call."""
-        _, text = self.scratch.run([python, "-c", CREATE_TOOLKIT_ENV, EXTRA_TOOLKIT], REPO, "toolkit-env",
+    def make_toolkit_env(self, python: str, toolkits: Path, env: dict, version: str = EXTRA_TOOLKIT) -> dict:
+        """Time ``python_for(version)`` where ``toolkits`` lacks it, and a second call."""
+        _, text = self.scratch.run([python, "-c", CREATE_TOOLKIT_ENV, version], REPO, "toolkit-env",
                                    dict(env, **{TOOLKITS_ENV: str(toolkits)}))
         return json.loads(text.strip().splitlines()[-1])
 
