@@ -226,6 +226,7 @@ def make_tiny_assets(directory: Path) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from model_makers import make_npy_dataset, make_tiny_model  # the tests' generators, not a copy
 
+    directory.mkdir(parents=True, exist_ok=True)
     make_tiny_model(directory / "tiny.onnx", seed=0)
     make_tiny_model(directory / "tiny_int8.onnx", seed=1)
     make_npy_dataset(directory / "calib")
