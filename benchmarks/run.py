@@ -54,10 +54,15 @@ BENCH_MODELS = ("inception_v2", "inception_v2_int8", "densenet121", "shufflenet"
 PARALLEL_TARGETS = ("rk3588", "rk3576", "rk3566", "rk3562")  # all convert float16 models
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore",
             "6 scale", "7 large model", "8 worker model", "9 shapes", "10 repair", "11 shards",
-            "12 shared cache")
+            "12 shared cache", "13 toolkit versions")
 # sections measured on section 1's build (see Benchmark.run)
 NEEDS_BUILD = ("1 cold build", "2 no-op rebuild", "3 one changed", "5 cache restore", "6 scale", "12 shared cache")
 SHAPE_MODELS = ("rec", "rec_dynamic")
+EXTRA_TOOLKIT = "2.3.2"  # the second rknn-toolkit2 version section 13 builds with, in its own environment
+OWN_TORCH_TOOLKIT = "2.2.0"  # a version whose torch range excludes the project's torch: it gets its own
+TOOLKITS_ENV = "RKNN_PIPELINE_TOOLKITS"
+# what `uv sync --locked` needs of a checkout (section 13 syncs a copy into a fresh uv cache, as CI does)
+PROJECT_FILES = ("pyproject.toml", "uv.lock", "README.md", "pipeline", "schema")
 # models.yaml entries measured by "10 repair": the generated outlier case, and a bigger example model
 # (constant-fill weights) quantized for rk3588 with the int8 entry's dataset
 REPAIR_MODELS = ("outlier_repaired", "inception_v2")  # models.yaml entries: one recogniser as buckets and as one dynamic model
@@ -266,14 +271,12 @@ def parallel_manifest() -> dict:
     return {**manifest, "models": [model]}
 
 
-def changed_source(manifest: dict, ws: Path) -> tuple[str, list[str]]:
-    """The smallest source in ``ws`` used by exactly one model x target, and that pair."""
+def changed_sources(manifest: dict) -> dict[str, list[str]]:
+    """Each source file of ``manifest`` -> the model x target pairs built from it, in manifest order."""
     users: dict[str, list[str]] = {}
     for model, target in pairs_of(manifest):
         users.setdefault(model["source"], []).append(f"{model['name']}@{target}")
-    unique = [source for source, names in users.items() if len(names) == 1]
-    source = min(unique, key=lambda s: ((ws / s).stat().st_size, s))
-    return source, users[source]
+    return users
 
 
 # -- the peers: a hand-written loop and the toolkit's rknn_convert ---------------------------
@@ -707,7 +710,8 @@ class Benchmark:
             if wanted(SECTIONS[2]):
                 self.timed(self.one_changed, built)
         figures = (self.parallel, self.cache_restore, self.scale, self.large_model, self.worker_model, self.shapes,
-                   self.repair, self.shards, self.shared_cache)
+                   self.repair, self.shards, self.shared_cache,
+                   self.toolkit_versions)
         for section, figure in zip(SECTIONS[3:], figures):
             if wanted(section):
                 self.timed(figure)
@@ -786,61 +790,93 @@ class Benchmark:
 
     # 3 -------------------------------------------------------------------------------------------
     def one_changed(self, built: Path) -> None:
+        """Each source of the benchmark manifest re-saved in turn: what one edit costs, per real model."""
         section = SECTIONS[2]
-        source, expected = changed_source(self.manifest, built)
-        changed = []
-        for run in range(self.config.repeat):
-            resave_with_doc_string(built / source, f"benchmark edit {run}")
-            seconds, output = self.scratch.doit(built)
-            if sorted(converted(output)) != sorted(expected):
-                raise BenchmarkError(f"after editing {source} doit converted {converted(output)}, "
-                                     f"expected {expected}")
-            changed.append(seconds)
         count = len(pairs_of(self.manifest))
-        self.add(section, f"pipeline: `doit` after re-saving one source ({len(expected)} of {count} rebuilt)",
-                 "s", changed)
-        self.add(section, "ratio one-changed `doit` / hand loop rebuilding all (section 1)", "x",
-                 ratios(changed, self.hand))
-        self.note(section, f"`{Path(source).name}` is re-saved with a new `doc_string` (new bytes, same graph); "
-                           f"doit reruns analyze/resolve/convert/export of {', '.join(expected)} only, then lock "
-                           "and report.")
+        described = []
+        for source, expected in changed_sources(self.manifest).items():
+            changed = []
+            for run in range(self.config.repeat):
+                progress(f"{section}: {Path(source).name}, run {run + 1}/{self.config.repeat}")
+                resave_with_doc_string(built / source, f"benchmark edit {run}")
+                seconds, output = self.scratch.doit(built)
+                if sorted(converted(output)) != sorted(expected):
+                    raise BenchmarkError(f"after editing {source} doit converted {converted(output)}, "
+                                         f"expected {expected}")
+                changed.append(seconds)
+            name = Path(source).name
+            self.add(section, f"pipeline: `doit` after re-saving {name} ({len(expected)} of {count} rebuilt)",
+                     "s", changed)
+            self.add(section, f"ratio {name} re-saved / hand loop rebuilding all (section 1)", "x",
+                     ratios(changed, self.hand))
+            described.append(f"`{name}` ({', '.join(expected)})")
+        self.note(section, "Each source of the benchmark's models is re-saved in turn with a new `doc_string` "
+                           "(new bytes, same graph): " + "; ".join(described) + ". doit reruns "
+                           "analyze/resolve/convert/export of the pairs built from it only, then lock and report.")
 
     # 4 -------------------------------------------------------------------------------------------
     def parallel(self) -> None:
+        """A real-sized model on four targets, -n 1 against -n 2 and the 2-core floor; then each example
+        model's peak worker RSS, one fresh worker process per conversion."""
         section = SECTIONS[3]
-        manifest = parallel_manifest()
+        manifest = self.parallel_manifest()
         model = manifest["models"][0]
-        timings: dict[str, list[float]] = {"serial": [], "parallel": []}
-        rss: list[float] = []
+        timings: dict[str, list[float]] = {"serial": [], "parallel": [], "floor": []}
         modes = {"serial": ["-n", "1"], "parallel": ["-n", "2", "-P", "process"]}
+        cores = os.cpu_count() or 1
         for run in range(self.config.repeat):
             for mode, args in modes.items():
                 progress(f"{section}: {mode} run {run + 1}/{self.config.repeat}")
-                log = self.scratch.path(f"rss-{mode}.txt")
-                env = dict(self.scratch.env, **{WORKER_ENV: str(rss_wrapper(self.scratch, log))})
                 ws = self.scratch.workspace(f"parallel-{mode}", manifest)
-                seconds, output = self.scratch.doit(ws, *args, env=env)
+                cpu = children_cpu()
+                seconds, output = self.scratch.doit(ws, *args)
                 if len(converted(output)) != len(PARALLEL_TARGETS):
                     raise BenchmarkError(f"the parallel build converted {converted(output)}")
                 timings[mode].append(seconds)
-                rss += read_rss_mib(log)
+                if mode == "serial":
+                    timings["floor"].append((children_cpu() - cpu) / cores)
         pairs = f"{model['name']} @ {', '.join(PARALLEL_TARGETS)}"
-        self.add(section, f"`doit -n 1`, {len(PARALLEL_TARGETS)} conversions", "s", timings["serial"])
+        self.add(section, f"`doit -n 1`, {pairs}", "s", timings["serial"])
         self.add(section, "`doit -n 2 -P process`", "s", timings["parallel"])
+        self.add(section, f"{cores}-core floor: CPU seconds of the `-n 1` run / {cores}", "s", timings["floor"])
+        self.add(section, "ratio `-n 2` / floor", "x", ratios(timings["parallel"], timings["floor"]))
         self.add(section, "speed-up -n 1 / -n 2", "x", ratios(timings["serial"], timings["parallel"]))
-        if rss:
-            self.add(section, "peak RSS per conversion worker interpreter (the zygote of each task process)",
-                     "MiB", rss)
+        for name, rss in self.worker_rss().items():
+            self.add(section, f"peak RSS of the conversion worker, {name}", "MiB", rss)
         how = "GNU time's %M" if os.access(GNU_TIME, os.X_OK) else "getrusage(RUSAGE_CHILDREN).ru_maxrss"
-        self.note(section, f"Conversions: {pairs} (the generated Conv+AveragePool 1x3x16x16 model, float16, "
-                           "chosen to keep the benchmark short), each workspace fresh. Peak RSS comes from "
-                           f"{how}, recorded by a wrapper given as {WORKER_ENV}: it wraps "
-                           "the zygote that each task process starts (RSS counts the pages its forked children "
-                           "share with it; section 8 gives unique memory). Both cores are shared with other work, "
-                           "so the speed-up is bounded by 2 and is lower whenever the machine is busy. Each of the "
-                           "`-n 2` task processes imports the toolkit in its own zygote, and that import dominates "
-                           "these tiny conversions, so `-n 2` gains little here; it pays for models that take "
-                           "longer to build than to import.")
+        self.note(section, f"Conversions: {pairs} (float16, a model that takes longer to build than the toolkit "
+                           f"takes to import), each workspace fresh. The floor is the physical limit on this "
+                           f"machine: all the CPU time the `-n 1` build's processes used (user + system, "
+                           f"the toolkit's own threads included), divided by the {cores} cores; `-n 2` cannot "
+                           "beat it, and a ratio near 1 means the cores were kept busy. Both cores are shared "
+                           "with other work while measuring. Peak RSS: each benchmark model built alone with "
+                           f"RKNN_PIPELINE_WORKER=fresh (one worker process per conversion), measured by {how} "
+                           f"through a wrapper given as {WORKER_ENV}; with forked workers each child shares "
+                           "the zygote's pages (section 8 gives unique memory).")
+
+    def parallel_manifest(self) -> dict:
+        """The benchmark's largest float16 model (the tiny one under --tiny) on PARALLEL_TARGETS."""
+        if self.config.tiny:
+            return parallel_manifest()
+        floats = [model for model in self.manifest["models"] if not model.get("quantization")]
+        biggest = max(floats, key=lambda model: (REPO / model["source"]).stat().st_size)
+        return {**self.manifest, "models": [{**biggest, "targets": list(PARALLEL_TARGETS)}]}
+
+    def worker_rss(self) -> dict[str, list[float]]:
+        """model@target -> peak RSS (MiB) of its fresh conversion worker, each model of the manifest alone."""
+        found = {}
+        for model, target in pairs_of(self.manifest):
+            name = f"{model['name']}@{target}"
+            progress(f"{SECTIONS[3]}: peak RSS, {name}")
+            log = self.scratch.path("rss-model.txt")
+            env = dict(self.scratch.env, RKNN_PIPELINE_WORKER="fresh", RKNN_PIPELINE_PREWARM="0",
+                       **{WORKER_ENV: str(rss_wrapper(self.scratch, log))})
+            alone = {**self.manifest, "models": [{**model, "targets": [target]}]}
+            _, output = self.scratch.doit(self.scratch.workspace("rss", alone), env=env)
+            if len(converted(output)) != 1:
+                raise BenchmarkError(f"the RSS build of {name} converted {converted(output)}")
+            found[name] = read_rss_mib(log)
+        return found
 
     # 5 -------------------------------------------------------------------------------------------
     def cache_restore(self) -> None:
@@ -1132,43 +1168,6 @@ class Benchmark:
                            "process (interpreter start, manifest load, hashing, 1000 cache lookups).")
 
 
-SHARD_TARGETS = ["rk3588", "rk3576", "rk3566"]
-
-# Marks every pair of ./models.yaml as built in the cache, as shards would after converting them.
-MARK_ALL = """
-from pipeline import shard
-from pipeline.manifest import load_manifest
-manifest = load_manifest("models.yaml")
-store = shard.store_for(manifest)
-for model in manifest.models:
-    for target in model["targets"]:
-        shard.record_built(store, manifest, model, target, "0" * 64, {"seconds": 1.0}, True)
-"""
-
-
-def shard_manifest(min_cosine: float, tiny: bool = False) -> dict:
-    defaults = {"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]], "verify": {"samples": 1, "min_cosine": min_cosine}}
-    if tiny:
-        return {"version": 1, "defaults": defaults, "models": [
-            {"name": "t", "source": "examples/models/tiny_pool_identity.onnx", "targets": SHARD_TARGETS,
-             "inputs": {"x": [1, 3, 32, 32]}}]}
-    graphs = (("inception_v2", "light_inception_v2.onnx", "data_0"), ("densenet121", "light_densenet121.onnx", "data_0"),
-              ("shufflenet", "light_shufflenet.onnx", "gpu_0/data_0"))
-    models = [{"name": name, "source": f"examples/models/{file}", "targets": SHARD_TARGETS,
-               "inputs": {tensor: [1, 3, 224, 224]}} for name, file, tensor in graphs]
-    models.append({"name": "inception_v2_int8", "source": "examples/models/light_inception_v2.onnx",
-                   "targets": SHARD_TARGETS[:2], "inputs": {"data_0": [1, 3, 224, 224]},
-                   "quantization": {"dataset": "examples/calib/inception_v2.txt", "dtype": "w8a8"}})
-    return {"version": 1, "defaults": defaults, "models": models}
-
-
-def noop_plan_manifest(models: int) -> dict:
-    return {"version": 1, "models": [
-        {"name": f"m{i}", "source": "examples/models/tiny_pool_identity.onnx",
-         "targets": ["rk3588", "rk3576", "rk3566", "rk3562"], "inputs": {"x": [1, 3, 32, 32]}}
-        for i in range(models)]}
-
-
     # 10 ------------------------------------------------------------------------------------------
     def repair(self) -> None:
         """quantization.repair against plain int8 and float16: accuracy, cost of the search, speed and size."""
@@ -1276,6 +1275,204 @@ def noop_plan_manifest(models: int) -> dict:
                            "restoring every analysis, resolution and conversion from that bucket, importing "
                            "neither the toolkit nor onnx (the manifest's graph facts come from this machine's memo, "
                            "found by content).")
+
+    # 13 ------------------------------------------------------------------------------------------
+    def toolkit_versions(self) -> None:
+        """What a second rknn-toolkit2 version costs: its environment cold (a fresh machine, as CI) and
+        warm, its disk, and a build of one model with both versions against one with the installed one."""
+        section = SECTIONS[12]
+        uv_cache = self.scratch.path("uv-cache")
+        env = {k: v for k, v in self.scratch.env.items() if k not in ("VIRTUAL_ENV", TOOLKITS_ENV)}
+        env["UV_CACHE_DIR"] = str(uv_cache)
+        python = sys.executable
+        if self.config.tiny:
+            # a smoke run: no fresh machine (that downloads gigabytes); the user's uv cache, warmed first
+            env.pop("UV_CACHE_DIR")
+            self.make_toolkit_env(python, self.scratch.path("toolkits-warm-up"), env)
+        else:
+            progress(f"{section}: `uv sync --locked` of a copy of the project into an empty uv cache (CI's install)")
+            project = self.scratch.path("ci-project")
+            copy_project(project)
+            seconds, _ = self.scratch.run(["uv", "sync", "--locked", "--quiet"], project, "uv-sync", env)
+            self.add(section, "fresh machine: `uv sync --locked` of the project, empty uv cache (CI's install)",
+                     "s", [seconds])
+            python = str(project / ".venv" / "bin" / "python")
+            before = disk_mib([uv_cache])
+            progress(f"{section}: the {EXTRA_TOOLKIT} environment on that machine (cold)")
+            created = self.make_toolkit_env(python, self.scratch.path("toolkits-cold"), env)
+            self.add(section, f"fresh machine: create the {EXTRA_TOOLKIT} environment after that sync (cold)",
+                     "s", [created["create"]])
+            self.add(section, f"ratio cold {EXTRA_TOOLKIT} environment / project sync", "x",
+                     ratios([created["create"]], [seconds]))
+            self.add(section, f"uv cache growth for the {EXTRA_TOOLKIT} environment", "MiB",
+                     [disk_mib([uv_cache]) - before])
+            before = disk_mib([uv_cache])
+            progress(f"{section}: the {OWN_TORCH_TOOLKIT} environment on that machine (cold, its own torch)")
+            own = self.make_toolkit_env(python, self.scratch.path("toolkits-cold"), env, OWN_TORCH_TOOLKIT)
+            self.add(section, f"fresh machine: create the {OWN_TORCH_TOOLKIT} environment after that sync "
+                              "(cold; its torch range excludes the project's, so it downloads its own)",
+                     "s", [own["create"]])
+            self.add(section, f"uv cache growth for the {OWN_TORCH_TOOLKIT} environment", "MiB",
+                     [disk_mib([uv_cache]) - before])
+        warm, reuse, unshared = [], [], []
+        for run in range(self.config.repeat):
+            progress(f"{section}: the {EXTRA_TOOLKIT} environment from a warm uv cache, run {run + 1}/"
+                     f"{self.config.repeat}")
+            toolkits = self.scratch.path("toolkits-warm")
+            created = self.make_toolkit_env(python, toolkits, env)
+            warm.append(created["create"])
+            reuse.append(created["reuse"])
+            unshared.append(unshared_mib(toolkits))
+        self.add(section, f"create the {EXTRA_TOOLKIT} environment, warm uv cache", "s", warm)
+        self.add(section, f"ask for the {EXTRA_TOOLKIT} environment again (exists: reused)", "s", reuse)
+        self.add(section, f"disk of the {EXTRA_TOOLKIT} environment not shared with the uv cache", "MiB", unshared)
+
+        both = {"version": 1, "defaults": {"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]]},
+                "models": [{"name": name, "source": "tiny/tiny.onnx", "targets": ["rk3588"],
+                            "inputs": {"x": [1, 3, 16, 16]}, **extra}
+                           for name, extra in (("tiny", {}), ("tiny_old", {"toolkit": EXTRA_TOOLKIT}))]}
+        one = dict(both, models=both["models"][:1])
+        build_env = dict(env, **{TOOLKITS_ENV: str(toolkits)})
+        walls: dict[str, list[float]] = {"one": [], "both": []}
+        cpus: dict[str, list[float]] = {"one": [], "both": []}
+        for run in range(self.config.repeat):
+            progress(f"{section}: build with one and with two toolkit versions, run {run + 1}/{self.config.repeat}")
+            for label, manifest in (("one", one), ("both", both)):
+                ws = self.scratch.workspace(f"toolkits-{label}", manifest)
+                cpu = children_cpu()
+                seconds, output = self.scratch.doit(ws, env=build_env)
+                cpus[label].append(children_cpu() - cpu)
+                names = [model["name"] for model in manifest["models"]]
+                if sorted(converted(output)) != sorted(f"{name}@rk3588" for name in names):
+                    raise BenchmarkError(f"the {label}-version build converted {converted(output)}")
+                walls[label].append(seconds)
+            built = self.scratch.python(READ_TOOLKITS, str(ws / "dist" / "rk3588"), cwd=REPO)
+            if built != {"tiny": installed_toolkit(), "tiny_old": EXTRA_TOOLKIT}:
+                raise BenchmarkError(f"the two-version build's files say they were built by {built}")
+        self.add(section, "`doit`, one tiny model for rk3588 with the installed toolkit", "s", walls["one"])
+        self.add(section, f"`doit`, the same model twice: installed toolkit and {EXTRA_TOOLKIT} (environment exists)",
+                 "s", walls["both"])
+        self.add(section, f"extra seconds for the {EXTRA_TOOLKIT} model", "s",
+                 [b - o for b, o in zip(walls["both"], walls["one"])])
+        self.add(section, f"extra CPU seconds for the {EXTRA_TOOLKIT} model (all processes of the build)", "s",
+                 [b - o for b, o in zip(cpus["both"], cpus["one"])])
+        cold = ("On a fresh machine (full run only, once: it downloads gigabytes) a copy of the project is "
+                "synced with `uv sync --locked` into an empty `UV_CACHE_DIR`, as `.ci/run` does, then "
+                f"`python_for(\"{EXTRA_TOOLKIT}\")` creates that version's environment in an empty "
+                f"`{TOOLKITS_ENV}` directory from what the sync left in the uv cache; the growth of the cache is "
+                f"what that version added; {OWN_TORCH_TOOLKIT} follows the same way, after it. "
+                if not self.config.tiny else "")
+        self.note(section, cold + f"Warm: `python_for(\"{EXTRA_TOOLKIT}\")` in an empty `{TOOLKITS_ENV}` "
+                  "directory each run, from a uv cache that has everything; \"again\" is a second call in the "
+                  "same process, which finds the environment. Unshared disk counts the environment's files "
+                  "with one link only (uv hardlinks the rest from its cache). The builds are whole cold `doit` "
+                  "runs in fresh workspaces with the environment already made (the extra wall time is noisy on a "
+                  "shared machine; the extra CPU time, mostly the second toolkit's import in its own zygote, "
+                  "much less); each run's two-version files "
+                  "are read back with `pipeline.rknn_file` and must name the toolkit asked for.")
+
+    def make_toolkit_env(self, python: str, toolkits: Path, env: dict, version: str = EXTRA_TOOLKIT) -> dict:
+        """Time ``python_for(version)`` where ``toolkits`` lacks it, and a second call."""
+        _, text = self.scratch.run([python, "-c", CREATE_TOOLKIT_ENV, version], REPO, "toolkit-env",
+                                   dict(env, **{TOOLKITS_ENV: str(toolkits)}))
+        return json.loads(text.strip().splitlines()[-1])
+
+
+SHARD_TARGETS = ["rk3588", "rk3576", "rk3566"]
+
+# Marks every pair of ./models.yaml as built in the cache, as shards would after converting them.
+MARK_ALL = """
+from pipeline import shard
+from pipeline.manifest import load_manifest
+manifest = load_manifest("models.yaml")
+store = shard.store_for(manifest)
+for model in manifest.models:
+    for target in model["targets"]:
+        shard.record_built(store, manifest, model, target, "0" * 64, {"seconds": 1.0}, True)
+"""
+
+
+def shard_manifest(min_cosine: float, tiny: bool = False) -> dict:
+    defaults = {"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]], "verify": {"samples": 1, "min_cosine": min_cosine}}
+    if tiny:
+        return {"version": 1, "defaults": defaults, "models": [
+            {"name": "t", "source": "examples/models/tiny_pool_identity.onnx", "targets": SHARD_TARGETS,
+             "inputs": {"x": [1, 3, 32, 32]}}]}
+    graphs = (("inception_v2", "light_inception_v2.onnx", "data_0"), ("densenet121", "light_densenet121.onnx", "data_0"),
+              ("shufflenet", "light_shufflenet.onnx", "gpu_0/data_0"))
+    models = [{"name": name, "source": f"examples/models/{file}", "targets": SHARD_TARGETS,
+               "inputs": {tensor: [1, 3, 224, 224]}} for name, file, tensor in graphs]
+    models.append({"name": "inception_v2_int8", "source": "examples/models/light_inception_v2.onnx",
+                   "targets": SHARD_TARGETS[:2], "inputs": {"data_0": [1, 3, 224, 224]},
+                   "quantization": {"dataset": "examples/calib/inception_v2.txt", "dtype": "w8a8"}})
+    return {"version": 1, "defaults": defaults, "models": models}
+
+
+def noop_plan_manifest(models: int) -> dict:
+    return {"version": 1, "models": [
+        {"name": f"m{i}", "source": "examples/models/tiny_pool_identity.onnx",
+         "targets": ["rk3588", "rk3576", "rk3566", "rk3562"], "inputs": {"x": [1, 3, 32, 32]}}
+        for i in range(models)]}
+
+
+# Run with the project's python: times the creation of one toolkit version's environment, then a reuse.
+CREATE_TOOLKIT_ENV = """
+import json, sys, time
+from pipeline.toolkit_envs import python_for
+started = time.perf_counter()
+python_for(sys.argv[1])
+created = time.perf_counter() - started
+started = time.perf_counter()
+python_for(sys.argv[1])
+print(json.dumps({"create": created, "reuse": time.perf_counter() - started}))
+"""
+
+# The toolkit version in the header of each .rknn in a directory, by model name.
+READ_TOOLKITS = """
+import json, sys
+from pathlib import Path
+from pipeline.rknn_file import read
+print(json.dumps({path.stem: read(path).toolkit for path in sorted(Path(sys.argv[1]).glob("*.rknn"))}))
+"""
+
+
+def installed_toolkit() -> str:
+    return metadata.version("rknn-toolkit2")
+
+
+def copy_project(destination: Path) -> None:
+    """The files ``uv sync --locked`` installs the project from (no caches, no .venv)."""
+    destination.mkdir()
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, destination / name)
+
+
+def disk_mib(paths: list[Path]) -> float:
+    """Allocated disk under ``paths``, each hardlinked file once (what ``du`` reports)."""
+    seen, total = set(), 0
+    for root in paths:
+        for directory, _, files in os.walk(root):
+            for name in files:
+                stat = os.lstat(os.path.join(directory, name))
+                if (stat.st_dev, stat.st_ino) not in seen:
+                    seen.add((stat.st_dev, stat.st_ino))
+                    total += stat.st_blocks * 512
+    return total / 2**20
+
+
+def unshared_mib(root: Path) -> float:
+    """Allocated disk of the files under ``root`` that have no other link (uv hardlinks from its cache)."""
+    total = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            stat = os.lstat(os.path.join(directory, name))
+            if stat.st_nlink == 1:
+                total += stat.st_blocks * 512
+    return total / 2**20
 
 
 # -- report --------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ ACCURACY_FORMAT = 1
 # they have an error, but never one a user can act on.
 BOOKKEEPING = frozenset({"Input", "exDataConvert", "InputOperator", "OutputOperator"})
 WORST_COUNT = 5
+# Single-input ops the compiler fuses into the op before them: they follow its data type.
+ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
+                         "Selu", "Softplus", "Mish", "Gelu", "Swish", "Silu", "PRelu"})
 
 _ROW = re.compile(r"^\[(?P<op>[^\]]+)\]\s+(?P<name>\S+)(?:\s+(?P<rest>.*))?$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -75,8 +78,28 @@ def name_layers(layers: list[dict], producers: dict[str, dict]) -> list[dict]:
     named = []
     for layer in layers:
         producer = producers.get(layer["tensor"]) or {}
-        named.append({**layer, "node": producer.get("node"), "op_type": producer.get("op_type")})
+        anchor = producer
+        while anchor.get("op_type") in ACTIVATIONS and anchor.get("inputs"):  # the op it is fused into
+            before = producers.get(anchor["inputs"][0]) or {}
+            if not before or before.get("op_type") in BOOKKEEPING:
+                break
+            anchor = before
+        named.append({**layer, "node": producer.get("node"), "op_type": producer.get("op_type"),
+                      "anchor": anchor.get("node")})
     return named
+
+
+def place_layers(layers: list[dict], table: list[dict]) -> list[dict]:
+    """Add ``layer``: the layer-table row (as in placement.json) each analysed tensor belongs to.
+
+    A node fused into another (a Relu into its Conv) has no row of its own; its
+    anchor's row is the layer the compiler built.
+    """
+    rows: dict[str, str] = {}
+    for row in table:
+        if row.get("node") and row.get("full_name"):
+            rows.setdefault(row["node"], f"{row['full_name']} ({row['op_type']})")
+    return [{**layer, "layer": rows.get(layer.get("node")) or rows.get(layer.get("anchor"))} for layer in layers]
 
 
 def actionable(layer: dict) -> bool:
@@ -99,7 +122,8 @@ def describe(layer: dict) -> str:
     parts = [f"single cos {layer['single']['cosine']:.4f}"]
     if layer["entire"]["cosine"] is not None:
         parts.append(f"entire cos {layer['entire']['cosine']:.4f}")
-    return f"{layer['node']} ({layer['op_type']}, tensor {layer['tensor']}): {', '.join(parts)}"
+    where = f", layer {layer['layer']}" if layer.get("layer") else ""
+    return f"{layer['node']} ({layer['op_type']}, tensor {layer['tensor']}{where}): {', '.join(parts)}"
 
 
 def record(layers: list[dict], inputs: list[str], why: str) -> dict:

@@ -554,7 +554,7 @@ def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> di
         record["attempts"] = tries
     partial = Path(job["rknn_path"])
     verify = result.get("verify")
-    analysis = _record_accuracy(result.get("accuracy"), pair, record)
+    analysis = _record_accuracy(result.get("accuracy"), pair, record, layers)
     if result.get("ok"):
         _check_float_layers(result, layers)
     if result.get("ok") and verify and not verify.get("passed"):
@@ -622,10 +622,15 @@ def _run_with_retries(model: dict, target: str, job: dict, log_path: Path) -> tu
     raise AssertionError("unreachable")
 
 
-def _record_accuracy(analysis: dict | None, pair: PairLayout, record: dict) -> dict | None:
-    """Write the worker's per-layer analysis to accuracy.json and its summary into ``record``."""
+def _record_accuracy(analysis: dict | None, pair: PairLayout, record: dict, table: list[dict]) -> dict | None:
+    """Write the worker's per-layer analysis to accuracy.json (each layer placed in the layer table)
+    and its summary into ``record``."""
+    from pipeline.accuracy import place_layers
+
     if not analysis:
         return None
+    if analysis.get("layers"):
+        analysis = {**analysis, "layers": place_layers(analysis["layers"], table)}
     if analysis.get("error"):
         record["accuracy"] = {"error": analysis["error"], "why": analysis.get("why")}
     else:

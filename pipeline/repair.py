@@ -27,15 +27,11 @@ map of the toolkit's optimised graph; the worker runs the builds.
 
 from __future__ import annotations
 
-from pipeline.accuracy import BOOKKEEPING, actionable
+from pipeline.accuracy import ACTIVATIONS, BOOKKEEPING, actionable
 
 # Targets whose toolkit refuses float16 in custom_quantize_layers (2.5.0: "'c1: float16' not supported in
 # custom_quantize_layers at rv1103/rv1106, only support int8/int16!"; the same for rv1103b/rv1106b).
 NO_FLOAT16_HYBRID = frozenset({"rv1103", "rv1106", "rv1103b", "rv1106b"})
-
-# Single-input ops the compiler fuses into the op before them: they follow its data type.
-ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
-                         "Selu", "Softplus", "Mish", "Gelu", "Swish", "Silu", "PRelu"})
 
 
 def chain(tensor: str, producers: dict[str, dict]) -> tuple[str | None, list[str]]:

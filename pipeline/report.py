@@ -546,11 +546,11 @@ def render_html(summary: dict) -> str:
 # --- files ---------------------------------------------------------------------
 
 
-def write_report(records: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.md`` atomically; return their paths."""
-    out_dir = Path(out_dir)
+def write_report(records: list[dict], html_path: Path, md_path: Path) -> tuple[Path, Path]:
+    """Write the HTML and Markdown reports atomically (where :class:`pipeline.layout.Layout` says);
+    return their paths."""
+    html_path, md_path = Path(html_path), Path(md_path)
     summary = build_report(records)
-    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     atomic_write_text(html_path, render_html(summary))
     atomic_write_text(md_path, render_markdown(summary))
     return html_path, md_path

@@ -563,4 +563,4 @@ def report_records(manifest, layout) -> list[dict]:
 def write_report(manifest, layout) -> tuple[Path, Path]:
     from pipeline.report import write_report as render
 
-    return render(report_records(manifest, layout), layout.build)
+    return render(report_records(manifest, layout), layout.report_html(), layout.report_md())

@@ -73,10 +73,32 @@ def requirements(version: str) -> list[str]:
               *data.get("worker", [])]
     if data.get("share_torch"):
         try:
-            wanted.append(f"torch=={metadata.version('torch')}")
+            torch = metadata.version("torch")
         except metadata.PackageNotFoundError:
-            pass
+            torch = None
+        if torch and within(torch, row.get("torch", "")):
+            wanted.append(f"torch=={torch}")
     return wanted
+
+
+def within(version: str, specifiers: str) -> bool:
+    """Whether release ``version`` ("2.2.0", "2.2.0+cpu") meets comma-separated ``specifiers``
+    (">=1.13.1,<=2.1.0"; empty: any). Only the operators the data table uses, on release numbers."""
+    import operator
+    import re
+
+    def release(text: str) -> tuple[int, ...]:
+        parts = [int(part) for part in re.match(r"\d+(?:\.\d+)*", text.strip()).group().split(".")]
+        while parts and parts[-1] == 0:  # 2.1 == 2.1.0
+            parts.pop()
+        return tuple(parts)
+
+    compare = {">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt}
+    for spec in filter(None, (item.strip() for item in specifiers.split(","))):
+        op = next(op for op in (">=", "<=", "==", ">", "<") if spec.startswith(op))
+        if not compare[op](release(version), release(spec[len(op):])):
+            return False
+    return True
 
 
 def environment_dir(version: str) -> Path:

@@ -13,7 +13,11 @@ with it.
 The job is plain JSON (see :func:`pipeline.conversion.make_job`); the result is
 plain JSON written to ``job["result_path"]``: ``ok``, the failing ``step`` and
 ``error``, the ``op_target`` actually used, ``remaps`` applied, ``verify``
-results and timings.
+results and timings; after a quantized build that misses its accuracy, the
+per-layer analysis (``accuracy``, :mod:`pipeline.accuracy`) and the repair's
+search (``repair``, :mod:`pipeline.repair`), both run here with the session
+that built the model; and ``float_asked``, the tensors a hybrid build was
+asked to keep in float, which the parent checks against the layer table.
 """
 
 from __future__ import annotations

@@ -60,6 +60,16 @@ def test_worst_layers_are_named_by_node_and_skip_bookkeeping():
     assert "relu2 (Relu, tensor r2): single cos 0.5643, entire cos 0.5643" in lines[1]
 
 
+def test_a_fused_layer_is_placed_in_its_anchor_s_row_of_the_layer_table():
+    layers = accuracy.name_layers(accuracy.parse_error_analysis(FIXTURE.read_text()), PRODUCERS)
+    table = [{"node": "conv2", "full_name": "Conv:conv2", "op_type": "ConvRelu"},
+             {"node": "conv3", "full_name": "Conv:conv3", "op_type": "Conv"}]
+    placed = {layer["tensor"]: layer for layer in accuracy.place_layers(layers, table)}
+    assert placed["r2"]["anchor"] == "conv2" and placed["r2"]["layer"] == "Conv:conv2 (ConvRelu)"
+    assert placed["y_int8"]["layer"] == "Conv:conv3 (Conv)" and placed["r0"]["layer"] is None
+    assert "relu2 (Relu, tensor r2, layer Conv:conv2 (ConvRelu)): single cos 0.5643" in accuracy.describe(placed["r2"])
+
+
 def test_an_analysis_error_is_quoted_not_hidden():
     assert accuracy.failure_lines({"error": "The input shape is wrong"}) == [
         "per-layer analysis could not run: The input shape is wrong"]
@@ -107,7 +117,7 @@ def test_failed_int8_check_names_the_layer_the_outlier_breaks(tmp_path):
     worst = accuracy.worst_layers(analysis["layers"])
     # The outlier channel lives in relu1's output; the layer that consumes it (conv2 + relu2) breaks.
     assert worst[0]["node"] in ("conv2", "relu2") and worst[0]["single"]["cosine"] < 0.9
-    assert f"{worst[0]['node']} ({worst[0]['op_type']}, tensor {worst[0]['tensor']})" in message
+    assert f"{worst[0]['node']} ({worst[0]['op_type']}, tensor {worst[0]['tensor']}, layer Conv:conv2" in message
     assert not (workdir / "work" / "analysis" / "snapshot").exists()  # the toolkit's tensor dumps are removed
 
 

@@ -17,7 +17,7 @@ SCRIPT = REPO / "benchmarks" / "run.py"
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTIONS = ("1 cold build", "2 no-op rebuild", "3 one changed", "4 parallel", "5 cache restore", "6 scale",
             "7 large model", "8 worker model", "9 shapes", "10 repair", "11 shards",
-            "12 shared cache")
+            "12 shared cache", "13 toolkit versions")
 HEADER = ["section", "measurement", "unit", "median", "min", "max", "runs"]
 
 

@@ -36,7 +36,8 @@ def test_every_model_and_target_lands_in_dist(built):
     project, first, _ = built
     expected = [("rk3588", "inception_v2"), ("rv1106", "inception_v2_int8"), ("rk3588", "tiny_pool_identity"),
                 ("rk3588", "densenet121"), ("rk3588", "shufflenet"), ("rk3588", "shufflenet_hybrid"),
-                ("rk3588", "densenet121_stem"), ("rk3588", "detector"), ("rk3588", "two_tower"),
+                ("rk3588", "densenet121_stem"), ("rk3588", "detector"), ("rk3588", "outlier_repaired"),
+                ("rk3588", "two_tower"),
                 ("rk3588", "rec.1x3x48x160"), ("rk3588", "rec.1x3x48x320"), ("rk3588", "rec.1x3x48x640"),
                 ("rk3588", "rec_dynamic")]
     for target, name in expected:
@@ -127,7 +128,7 @@ def test_verify_records_accuracy_per_output(built):
 def test_rknn_status_reports_everything_up_to_date(built):
     project, _, _ = built
     proc = project.doit("rknn-status")
-    assert "13 of 13 up to date" in proc.stdout
+    assert "14 of 14 up to date" in proc.stdout
 
 
 def test_lock_entries_are_reproducible_from_a_clean_tree(built, tmp_path):

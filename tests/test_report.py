@@ -24,6 +24,10 @@ from pipeline.report import build_report, human_size, render_html, render_markdo
 # --- synthetic sidecars ------------------------------------------------------------
 
 
+
+def _paths(directory):
+    return directory / "report.html", directory / "report.md"
+
 def _ok_record(model: str = "inception_v2", target: str = "rk3588", cpu: int = 7) -> dict:
     return {
         "format": 1, "model": model, "target": target, "status": "ok", "error": None,
@@ -211,12 +215,12 @@ def test_html_is_self_contained():
 
 
 def test_write_report_is_atomic(tmp_path):
-    html_path, md_path = write_report(_records(), tmp_path / "out")
+    html_path, md_path = write_report(_records(), *_paths(tmp_path / "out"))
     assert html_path == tmp_path / "out" / "report.html" and md_path == tmp_path / "out" / "report.md"
     assert html_path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert md_path.read_text(encoding="utf-8").startswith("# RKNN build report")
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["report.html", "report.md"]
-    write_report([], tmp_path / "out")  # overwrites in place
+    write_report([], *_paths(tmp_path / "out"))  # overwrites in place
     assert "No conversions" in md_path.read_text(encoding="utf-8")
 
 
@@ -259,7 +263,7 @@ def chromium() -> str:
 
 
 def test_report_renders_in_headless_chromium(tmp_path, chromium):
-    html_path, _ = write_report(_records(), tmp_path / "report")
+    html_path, _ = write_report(_records(), *_paths(tmp_path / "report"))
     url = html_path.resolve().as_uri()
 
     dump = _chromium(tmp_path / "profile-dom", "--dump-dom", url)

@@ -122,3 +122,35 @@ def test_one_manifest_builds_with_two_toolkits(project, toolkits_dir, tmp_path_f
     reused = other.doit()
     assert "creating rknn-toolkit2" not in reused.stderr
     assert rknn_file.read(other.root / "dist" / "rk3588" / "old.rknn").toolkit == "2.3.2"
+
+
+def test_torch_is_shared_only_where_the_toolkits_range_admits_the_projects():
+    from importlib import metadata
+
+    torch = metadata.version("torch")
+    for version, row in toolkit_envs.table()["versions"].items():
+        pinned = [item for item in toolkit_envs.requirements(version) if item.startswith("torch==")]
+        assert pinned == ([f"torch=={torch}"] if toolkit_envs.within(torch, row["torch"]) else []), version
+    assert toolkit_envs.within("2.2.0+cu121", ">=1.10.1,<=2.4.0") and toolkit_envs.within("2.1", "<=2.1.0")
+    assert not toolkit_envs.within("2.2.0", ">=1.13.1,<=2.1.0") and not toolkit_envs.within("2.4.1", "<=2.4.0")
+    assert toolkit_envs.within("2.2.0", "")
+
+
+def test_every_version_pypi_has_resolves_with_its_requirements():
+    """Each listed version's environment is installable: uv resolves its requirements from PyPI for
+    this interpreter (no install). A torch pin outside a toolkit's range failed here for 2.2.0."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline import runtime_gate
+
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    for version in runtime_gate.rules()["pypi_toolkits"]["versions"]:
+        wanted = toolkit_envs.requirements(version)
+        proc = subprocess.run([uv, "pip", "compile", "-", "--quiet", "--no-header", "--python", sys.executable],
+                              input="\n".join(wanted) + "\n", capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{version}: {wanted}\n{proc.stderr[-2000:]}"
+        assert f"rknn-toolkit2=={version}" in proc.stdout
