@@ -1083,32 +1083,61 @@ def _read_graph(path: str, mtime_ns: int, size: int) -> _Graph | str:
     so that a no-op build of many models never imports onnx.
     """
     memo = _graph_memo_path(path, mtime_ns, size)
+    graph = _read_graph_memo(memo)
+    if graph is not None:
+        return graph
+    # A fresh checkout of files seen before (new paths and mtimes, same bytes) is found by content. The
+    # hash is remembered per process, and the build's cache keys need it anyway.
+    by_content = _graph_content_memo_path(path) if size else None
+    graph = _read_graph_memo(by_content) if by_content else None
+    if graph is None:
+        graph = _parse_graph(path, size)
+    if isinstance(graph, _Graph):
+        for where in (memo, by_content):
+            if where is not None:
+                _write_graph_memo(where, graph)
+    return graph
+
+
+def _read_graph_memo(memo: Path) -> _Graph | None:
     try:
         facts = json.loads(memo.read_text())
         return _Graph(facts["inputs"], frozenset(facts["tensors"]), frozenset(facts["ops"]), facts["input_types"],
                       tuple(facts["nodes"]))
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_graph_memo(memo: Path, graph: _Graph) -> None:
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.partial")
+        tmp.write_text(json.dumps({"inputs": graph.inputs, "tensors": sorted(graph.tensors),
+                                   "ops": sorted(graph.ops), "input_types": graph.input_types,
+                                   "nodes": list(graph.nodes)}))
+        os.replace(tmp, memo)
+    except OSError:  # a read-only home only costs speed
         pass
-    graph = _parse_graph(path, size)
-    if isinstance(graph, _Graph):
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_suffix(f".{os.getpid()}.partial")
-            tmp.write_text(json.dumps({"inputs": graph.inputs, "tensors": sorted(graph.tensors),
-                                       "ops": sorted(graph.ops), "input_types": graph.input_types,
-                                       "nodes": list(graph.nodes)}))
-            os.replace(tmp, memo)
-        except OSError:  # a read-only home only costs speed
-            pass
-    return graph
 
 
 def _graph_memo_path(path: str, mtime_ns: int, size: int) -> Path:
     import hashlib
 
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rknn-pipeline" / "graph-facts"
     digest = hashlib.sha256(f"{os.path.abspath(path)}\0{mtime_ns}\0{size}".encode()).hexdigest()
-    return root / f"{digest}.json"
+    return _graph_memo_root() / f"{digest}.json"
+
+
+def _graph_content_memo_path(path: str) -> Path | None:
+    from pipeline.cache import file_sha256
+
+    try:
+        return _graph_memo_root() / f"content-{file_sha256(path)}.json"
+    except OSError:
+        return None
+
+
+def _graph_memo_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rknn-pipeline" / "graph-facts"
 
 
 def _parse_graph(path: str, size: int) -> _Graph | str:

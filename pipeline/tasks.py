@@ -217,10 +217,18 @@ def run_analyze(name: str, target: str) -> TaskFailed | None:
     model = manifest.model(name)
 
     def action():
-        doc = analysis.analyze(model, target, Rules.load())
-        ANALYSIS.write(layout.analysis(name, target), doc)
+        from pipeline import plan_cache
+
+        store = stages.open_cache(manifest)
+        key = plan_cache.analysis_key(manifest, model, target) if store is not None else None
+        doc = plan_cache.restore_analysis(store, key, layout, name, target)
+        hit = doc is not None
+        if not hit:
+            doc = analysis.analyze(model, target, Rules.load())
+            ANALYSIS.write(layout.analysis(name, target), doc)
+            plan_cache.store_analysis(store, key, layout, name, target)
         stages.prestart_conversion(manifest, layout, model, target)
-        print(f"analyze {name}@{target}  {analysis.summary_line(doc)}")
+        print(f"analyze {name}@{target}  {analysis.summary_line(doc)}{'  (from cache)' if hit else ''}")
 
     return as_task_failure(action, f"{manifest.location('models', model['index'], 'source')}: {name}@{target}: ")
 
@@ -235,12 +243,20 @@ def run_resolve(name: str, target: str) -> TaskFailed | None:
                  for i in range(len(model.get("overrides") or []))}
 
     def action():
-        doc = ANALYSIS.read(layout.analysis(name, target))
-        resolved = resolution.resolve(model, target, doc, Rules.load(), locations=locations,
-                                      workdir=layout.pair(name, target))
-        RESOLUTION.write(layout.resolved(name, target), resolved)
+        from pipeline import plan_cache
+
+        store = stages.open_cache(manifest)
+        key = plan_cache.resolution_key(manifest, layout, model, target) if store is not None else None
+        resolved = plan_cache.restore_resolution(store, key, layout, name, target)
+        hit = resolved is not None
+        if not hit:
+            doc = ANALYSIS.read(layout.analysis(name, target))
+            resolved = resolution.resolve(model, target, doc, Rules.load(), locations=locations,
+                                          workdir=layout.pair(name, target))
+            resolved = RESOLUTION.write(layout.resolved(name, target), resolved)
+            plan_cache.store_resolution(store, key, layout, name, target, resolved)
         stages.prestart_conversion(manifest, layout, model, target, resolved)
-        print(f"resolve {name}@{target}  {resolution.summary_line(resolved)}")
+        print(f"resolve {name}@{target}  {resolution.summary_line(resolved)}{'  (from cache)' if hit else ''}")
         for note in resolved["notes"]:
             print(f"  note: {note}")
         for warning in resolved["warnings"]:

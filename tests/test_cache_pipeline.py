@@ -8,6 +8,7 @@ records that it was started and fails, so any conversion would fail the build.
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import pytest
@@ -31,6 +32,22 @@ def _project(root, cache):
     project.write_manifest(MANIFEST)
     project.env["RKNN_PIPELINE_CACHE"] = str(cache)
     return project
+
+
+# Installed through PYTHONPATH in every process of a build: importing onnx fails loudly and leaves a mark.
+NO_ONNX = """\
+import sys
+
+class _NoOnnx:
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnx" or name.startswith("onnx."):
+            with open({marker!r}, "a") as mark:
+                mark.write(name + "\\n")
+            raise ImportError("onnx must not be imported in this build")
+        return None
+
+sys.meta_path.insert(0, _NoOnnx())
+"""
 
 
 def _forbid_toolkit(project, marker):
@@ -84,3 +101,25 @@ def test_a_byte_flipped_entry_is_discarded_and_rebuilt(warm, tmp_path):
     assert len(list(cache.glob("*/*/model.rknn"))) == 2  # the rebuilt entry is stored again
     for target in ("rk3588", "rk3566"):
         assert (clone.root / "dist" / target / "alpha.rknn").is_file()
+
+
+def test_a_fresh_clone_with_a_warm_cache_never_reads_a_graph(warm, tmp_path):
+    """Analysis and resolution come from the cache too, so a warm build never imports onnx. (The
+    manifest's graph facts come from this machine's memo, found by content in a fresh clone.)"""
+    first, cache = warm
+    (tmp_path / "clone").mkdir()
+    clone = _project(tmp_path / "clone", cache)
+    _forbid_toolkit(clone, tmp_path / "toolkit-started")
+    marker = tmp_path / "onnx-imported"
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(NO_ONNX.format(marker=str(marker)))
+    clone.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "blocker"), clone.env.get("PYTHONPATH")]))
+    proc = clone.doit()
+    assert not marker.exists(), f"onnx was imported: {marker.read_text()}\n{proc.stdout}"
+    assert proc.stdout.count("(from cache)") == 4  # analyze and resolve, for both targets
+    for target in ("rk3588", "rk3566"):
+        for name in ("analysis.json", "resolved.json"):
+            restored = json.loads((clone.root / "build" / "alpha" / target / name).read_text())
+            assert restored == json.loads((first.root / "build" / "alpha" / target / name).read_text())
+    assert json.loads((clone.root / "dist" / "models.lock.json").read_text())["entries"] == \
+        json.loads((first.root / "dist" / "models.lock.json").read_text())["entries"]

@@ -4,6 +4,7 @@ and writes the same lock entry as the first, under its own model name and its ow
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -59,7 +60,7 @@ def block_toolkit(project: Project, marker) -> None:
     folder = project.root.parent / "blocker"
     folder.mkdir()
     (folder / "sitecustomize.py").write_text(BLOCKER.format(marker=str(marker)))
-    project.env["PYTHONPATH"] = str(folder)
+    project.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), project.env.get("PYTHONPATH")]))
 
 
 def test_a_second_checkout_restores_from_s3_without_the_toolkit(s3_server, s3_bucket, tmp_path):
@@ -77,6 +78,11 @@ def test_a_second_checkout_restores_from_s3_without_the_toolkit(s3_server, s3_bu
     assert not marker.exists(), f"the toolkit was imported: {marker.read_text()}"
     assert "convert other@rk3588" in proc.stdout and "(cache hit)" in proc.stdout
     assert "seed" not in proc.stdout
+    # The plan too: analysis, resolution and the rewritten ONNX that seed stored serve other.
+    assert "analyze other@rk3588" in proc.stdout and "resolve other@rk3588" in proc.stdout
+    assert proc.stdout.count("(from cache)") == 2, proc.stdout
+    rewritten = "build/{}/rk3588/rewritten.onnx"
+    assert (second.root / rewritten.format("other")).read_bytes() == (first.root / rewritten.format("seed")).read_bytes()
     record = json.loads((second.root / "build" / "other" / "rk3588" / "convert.json").read_text())
     assert record["model"] == "other" and record["cache"]["hit"] is True
     first_lock = json.loads((first.root / "dist" / "models.lock.json").read_text())["entries"]
