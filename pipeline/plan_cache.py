@@ -68,16 +68,22 @@ def resolution_key(manifest, layout, model: dict, target: str) -> str:
                       "external_data": external_data_hashes(model["source"], list(doc.get("external_data") or []))})
 
 
-def restore_analysis(store, key: str, layout, name: str, target: str) -> dict | None:
-    """The cached ``analysis.json``, now in place for this pair, or None on a miss."""
+def _restored_record(store, key: str, pair, path: Path, name: str):
+    """(names restored, the record at ``path`` renamed for this pair's model), or None on a miss: an entry
+    may have been stored by any model with these settings."""
     if store is None:
         return None
-    pair = layout.pair(name, target)
     restored = store.get(key, pair.dir)
-    if not restored or pair.analysis.name not in restored:
+    if not restored or path.name not in restored:
         return None
-    doc = dict(files.read_json(pair.analysis), model=name)  # stored by any model with these settings
-    return ANALYSIS.write(pair.analysis, doc)
+    return restored, dict(files.read_json(path), model=name)
+
+
+def restore_analysis(store, key: str, layout, name: str, target: str) -> dict | None:
+    """The cached ``analysis.json``, now in place for this pair, or None on a miss."""
+    pair = layout.pair(name, target)
+    found = _restored_record(store, key, pair, pair.analysis, name)
+    return found and ANALYSIS.write(pair.analysis, found[1])
 
 
 def store_analysis(store, key: str, layout, name: str, target: str) -> None:
@@ -88,13 +94,11 @@ def store_analysis(store, key: str, layout, name: str, target: str) -> None:
 
 def restore_resolution(store, key: str, layout, name: str, target: str) -> dict | None:
     """The cached ``resolved.json`` (and rewritten ONNX), now in place for this pair, or None on a miss."""
-    if store is None:
-        return None
     pair = layout.pair(name, target)
-    restored = store.get(key, pair.dir)
-    if not restored or pair.resolved.name not in restored:
+    found = _restored_record(store, key, pair, pair.resolved, name)
+    if found is None:
         return None
-    resolved = dict(files.read_json(pair.resolved), model=name)
+    restored, resolved = found
     if resolved.get("converted_onnx") is not None:
         if pair.rewritten_onnx.name not in restored:
             return None
