@@ -402,15 +402,23 @@ def run_rknn_convert(scratch: Scratch, peers: Peers, run: int) -> float:
 
 
 def seed_cache(cache_dir: Path, ws: Path) -> None:
-    """Store a finished build's conversions, analyses and resolutions in a cache, as a build with that
-    cache would have."""
-    from pipeline import cache, files, plan_cache, stages
+    """Store a finished build's conversions, analyses and resolutions in a cache directory."""
+    from pipeline import cache
+
+    store_build(cache.LocalStore(cache_dir), ws)
+
+
+def store_build(store, ws: Path) -> list[str]:
+    """Store the finished build in ``ws`` as a build with that store would have: each conversion, its
+    analysis and its resolution. Returns the conversion keys (also run in a fresh process, to time an
+    upload from import to the last PUT)."""
+    from pipeline import files, plan_cache, stages
     from pipeline.layout import CACHED_FILES, Layout
     from pipeline.manifest import load_manifest
 
     manifest = load_manifest(ws / "models.yaml")
     layout = Layout(manifest.directory)
-    store = cache.LocalStore(cache_dir)
+    keys = []
     for model in manifest.models:
         for target in model["targets"]:
             name = model["name"]
@@ -421,6 +429,8 @@ def seed_cache(cache_dir: Path, ws: Path) -> None:
             plan_cache.store_analysis(store, plan_cache.analysis_key(manifest, model, target), layout, name, target)
             plan_cache.store_resolution(store, plan_cache.resolution_key(manifest, layout, model, target), layout,
                                         name, target, resolved)
+            keys.append(key)
+    return keys
 
 
 # -- peak RSS of conversion workers -----------------------------------------------------------
@@ -621,25 +631,15 @@ print(json.dumps({"seconds": time.perf_counter() - started}))
 
 UPLOAD_SNIPPET = """
 import json, sys, time
+from pathlib import Path
 started = time.perf_counter()
-from pipeline import cache, files, plan_cache, stages
-from pipeline.layout import CACHED_FILES, Layout
-from pipeline.manifest import load_manifest
+from pipeline import cache
+sys.path.insert(0, sys.argv[2])
+from run import store_build  # benchmarks/run.py: the same code that seeds section 5's cache
 
-manifest = load_manifest("models.yaml")
-layout = Layout(manifest.directory)
 store = cache.open_store(sys.argv[1])
-for model in manifest.models:
-    for target in model["targets"]:
-        name = model["name"]
-        workdir = layout.workdir(name, target)
-        resolved = files.read_json(layout.resolved(name, target))
-        key = stages.conversion_key(manifest, layout, model, target, resolved)
-        store.put(key, {f: workdir / f for f in CACHED_FILES}, meta={"model": name})
-        assert store.has(key), "the upload did not happen"
-        plan_cache.store_analysis(store, plan_cache.analysis_key(manifest, model, target), layout, name, target)
-        plan_cache.store_resolution(store, plan_cache.resolution_key(manifest, layout, model, target), layout,
-                                    name, target, resolved)
+keys = store_build(store, Path("."))
+assert all(store.has(key) for key in keys), "the upload did not happen"
 print(json.dumps({"seconds": time.perf_counter() - started}))
 """
 
@@ -1246,7 +1246,7 @@ class Benchmark:
                     raise BenchmarkError(f"a cold build with an empty S3 store converted {converted(output)} "
                                          f"and restored {cache_hits(output)}")
                 cold_s3.append(seconds)
-                uploads.append(self.scratch.python(UPLOAD_SNIPPET, f"s3://{bucket}/again", cwd=ws,
+                uploads.append(self.scratch.python(UPLOAD_SNIPPET, f"s3://{bucket}/again", str(REPO / "benchmarks"), cwd=ws,
                                                    env=env)["seconds"])
                 ws = self.scratch.workspace("s3-warm", self.manifest)
                 seconds, output = self.scratch.doit(ws, env=env)
