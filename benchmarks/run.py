@@ -984,10 +984,12 @@ class Benchmark:
         if self.config.tiny:
             manifests = {"tiny manifest": self.manifest, "4 tiny pairs": parallel_manifest()}
         fresh_env = dict(self.scratch.env, RKNN_PIPELINE_WORKER="fresh")
+        one_slot_env = dict(self.scratch.env, RKNN_PIPELINE_JOBS="1")
         memory: dict[tuple[str, str], list[float]] = {}
         for label, manifest in manifests.items():
             count = len(pairs_of(manifest))
-            times: dict[str, list[float]] = {"fork": [], "fresh": [], "hand": [], "serial_cpu": [], "parallel": []}
+            times: dict[str, list[float]] = {"fork": [], "fresh": [], "hand": [], "serial_cpu": [], "parallel": [],
+                                             "one_slot": []}
             peers = None
             for run in range(self.config.repeat):
                 progress(f"{section}: {label}, run {run + 1}/{self.config.repeat}")
@@ -1007,6 +1009,11 @@ class Benchmark:
                 times["hand"].append(run_hand_loop(self.scratch, peers, run))
                 seconds, _ = self.scratch.doit(self.scratch.workspace("worker-fresh", manifest), env=fresh_env)
                 times["fresh"].append(seconds)
+                seconds, output = self.scratch.doit(self.scratch.workspace("worker-one-slot", manifest),
+                                                    env=one_slot_env)
+                if len(converted(output)) != count:
+                    raise BenchmarkError(f"the one-slot build converted {converted(output)}")
+                times["one_slot"].append(seconds)
                 times["serial_cpu"].append(cpu)
                 seconds, output = self.scratch.doit(self.scratch.workspace("worker-n2", manifest),
                                                     "-n", "2", "-P", "process")
@@ -1019,7 +1026,13 @@ class Benchmark:
             self.add(section, f"{label}: ratio forked / hand loop (goal <= 1.0)", "x",
                      ratios(times["fork"], times["hand"]))
             self.add(section, f"{label}: ratio fresh / hand loop", "x", ratios(times["fresh"], times["hand"]))
+            self.add(section, f"{label}: `doit` with RKNN_PIPELINE_JOBS=1 (one conversion at a time, still "
+                              f"started ahead)", "s", times["one_slot"])
+            self.add(section, f"{label}: ratio one conversion at a time / hand loop", "x",
+                     ratios(times["one_slot"], times["hand"]))
             cpu_floor = [cpu / 2 for cpu in times["serial_cpu"]]
+            self.add(section, f"{label}: ratio plain `doit` (forked workers) / CPU floor", "x",
+                     ratios(times["fork"], cpu_floor))
             self.add(section, f"{label}: `doit -n 2 -P process`, forked workers", "s", times["parallel"])
             self.add(section, f"{label}: 2-core CPU floor (CPU seconds of the serial run / 2)", "s", cpu_floor)
             self.add(section, f"{label}: ratio `-n 2` / CPU floor (goal <= 1.1)", "x",
@@ -1035,7 +1048,12 @@ class Benchmark:
                   + ". Each build is a fresh workspace; the forked and fresh builds and the hand loop (the same "
                     "loop as section 1, with the pipeline's toolkit arguments) alternate run by run, so the "
                     "ratios compare runs made under the same load. Serial means plain `doit` (tasks run in doit's "
-                    "own process). The CPU floor is the user + system time of "
+                    "own process, one at a time; with the pipeline's reporter each conversion starts in the "
+                    "background when its resolution is written, up to one per core at once, longest first, "
+                    "and its convert task collects it: the hand loop converts one model at a time). "
+                    "RKNN_PIPELINE_JOBS=1 keeps the start ahead but runs one conversion at a time. `-n 2 -P "
+                    "process` runs tasks in two doit processes, each with its own zygote and no conversion "
+                    "ahead. The CPU floor is the user + system time of "
                     "the serial build and every process it started (zygote and children included: each is "
                     "reaped), halved: no 2-core schedule can finish sooner. Memory is sampled every 50 ms from "
                     "`/proc/<pid>/smaps_rollup`; USS counts pages no other process maps, so a child's USS is "

@@ -214,7 +214,7 @@ def worker_mode() -> str:
 
 
 class _Zygotes:
-    """The zygotes of this process: one per (interpreter, build directory, thread), started on first use.
+    """The zygotes of this process: one per (interpreter, build directory), started on first use.
 
     A process forked by doit (``-n N``) inherits the table but not the right to
     use it: two processes writing jobs into one zygote would mix up answers, so
@@ -226,6 +226,8 @@ class _Zygotes:
     owner: int | None = None
     live: dict = {}
     refused: dict[str, str] = {}
+    lock = threading.RLock()
+    stopping = False  # set while the build stops: a lost zygote then means "interrupted", not "fall back"
 
     @classmethod
     def _mine(cls) -> None:
@@ -234,7 +236,7 @@ class _Zygotes:
 
             for zygote in cls.live.values():
                 zygote.close()  # inherited: only closes this process's copy of its pipes
-            cls.owner, cls.live, cls.refused = os.getpid(), {}, {}
+            cls.owner, cls.live, cls.refused, cls.stopping = os.getpid(), {}, {}, False
             # doit's task processes (-n N) end with os._exit, skipping atexit but not multiprocessing's
             # finalizers: stop (and reap) the zygotes there too, rather than leave them to notice EOF.
             util.Finalize(None, cls.close_all, exitpriority=0)
@@ -242,21 +244,22 @@ class _Zygotes:
     @classmethod
     def get(cls, python: str, build_dir: Path):
         """The zygote for ``python`` (started now if needed, without waiting for its import), or None
-        when this interpreter falls back to fresh processes."""
+        when this interpreter falls back to fresh processes. Threads share it: it forks a child per job."""
         from pipeline.zygote import Zygote
 
-        cls._mine()
-        if python in cls.refused:
-            return None
-        key = (python, str(build_dir), threading.get_ident())
-        zygote = cls.live.get(key)
-        if zygote is not None and not zygote.alive():
-            del cls.live[key]
-            cls.fall_back(python, zygote.obituary())
-            return None
-        if zygote is None:
-            zygote = cls.live[key] = Zygote(python, build_dir)
-        return zygote
+        with cls.lock:
+            cls._mine()
+            if python in cls.refused:
+                return None
+            key = (python, str(build_dir))
+            zygote = cls.live.get(key)
+            if zygote is not None and not zygote.alive():
+                del cls.live[key]
+                cls.fall_back(python, zygote.lost or zygote.obituary())
+                return None
+            if zygote is None:
+                zygote = cls.live[key] = Zygote(python, build_dir)
+            return zygote
 
     @classmethod
     def forget(cls, zygote) -> None:
@@ -265,7 +268,7 @@ class _Zygotes:
 
     @classmethod
     def fall_back(cls, python: str, why: str) -> None:
-        if python in cls.refused:
+        if python in cls.refused or cls.stopping:
             return
         cls.refused[python] = why
         for key in [key for key in cls.live if key[0] == python]:
@@ -274,11 +277,15 @@ class _Zygotes:
               f"build (RKNN_PIPELINE_WORKER=fresh does so from the start)", file=sys.stderr, flush=True)
 
     @classmethod
-    def close_all(cls) -> None:
-        if cls.owner == os.getpid():
-            for zygote in cls.live.values():
-                zygote.close()
-        cls.live = {}
+    def close_all(cls, stopping: bool = False) -> None:
+        """Stop every zygote of this process (and so their children); ``stopping``: the build is being
+        interrupted, so conversions that lose their zygote now must not fall back to fresh processes."""
+        cls.stopping = cls.stopping or stopping
+        with cls.lock:
+            if cls.owner == os.getpid():
+                for zygote in cls.live.values():
+                    zygote.close()
+            cls.live = {}
 
 
 atexit.register(_Zygotes.close_all)
@@ -306,6 +313,7 @@ class _Standby:
     """
 
     proc: subprocess.Popen | None = None
+    lock = threading.Lock()  # conversions started ahead run in threads
 
     @classmethod
     def spawn(cls, python: str, build_dir: Path) -> subprocess.Popen:
@@ -322,6 +330,11 @@ class _Standby:
     def take(cls, python: str, build_dir: Path, prewarm: bool = True) -> subprocess.Popen:
         """A live standby worker (the pre-started one if still alive and for the same interpreter and
         build), and start the next one unless ``prewarm`` is off."""
+        with cls.lock:
+            return cls._take(python, build_dir, prewarm)
+
+    @classmethod
+    def _take(cls, python: str, build_dir: Path, prewarm: bool) -> subprocess.Popen:
         proc, cls.proc = cls.proc, None
         if proc is None or proc.poll() is not None or proc.args[0] != python or proc.args[-1] != str(build_dir):
             cls.release(proc)
@@ -347,7 +360,276 @@ class _Standby:
 atexit.register(_Standby.release_current)
 
 
-def run_worker(job: dict, log_path: Path, timeout: float, python: str | None = None) -> dict:
+def conversion_slots() -> int:
+    """How many conversions one doit process runs at once: ``RKNN_PIPELINE_JOBS``, else one per core it
+    may use. A build keeps about one core busy (benchmarks, section 8), so a second conversion beside it
+    uses the core a one-at-a-time loop leaves idle."""
+    value = os.environ.get("RKNN_PIPELINE_JOBS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ConversionFailed(f"RKNN_PIPELINE_JOBS={value!r} is not a whole number of conversions (1 or more)")
+        return int(value)
+    return len(os.sched_getaffinity(0))
+
+
+class _Abandoned(Exception):
+    """A job cancelled while it waited for a slot."""
+
+
+class _Slots:
+    """At most N conversions at once in this process; a free slot goes to the longest waiting job first.
+
+    Longest first keeps the cores busy to the end (a long conversion started
+    last would run alone); a convert task that waits for a slot itself is
+    served before any job started ahead, since doit can do nothing else meanwhile.
+    """
+
+    def __init__(self, count: int):
+        self.free = count
+        self.waiting: list[float] = []
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def held(self, seconds: float = float("inf"), until=None, abandoned=lambda: False):
+        """Hold a slot for the block. ``until`` (a blocking call) runs first, while this job already
+        counts as waiting, so jobs queued meanwhile are ranked against it; ``abandoned()`` true while
+        waiting raises :class:`_Abandoned` instead (see :meth:`wake`)."""
+        with self.changed:
+            self.waiting.append(seconds)
+        try:
+            if until is not None:
+                until()
+            with self.changed:
+                while not (self.free and seconds >= max(self.waiting)):
+                    if abandoned():
+                        raise _Abandoned()
+                    self.changed.wait()
+                if abandoned():
+                    raise _Abandoned()
+                self.free -= 1
+        finally:
+            with self.changed:
+                self.waiting.remove(seconds)
+                self.changed.notify_all()
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.free += 1
+                self.changed.notify_all()
+
+    def wake(self) -> None:
+        """Let waiting jobs look again whether they were abandoned."""
+        with self.changed:
+            self.changed.notify_all()
+
+
+class _AheadJob:
+    """One conversion started at resolve time, in a thread that waits for its forked child."""
+
+    def __init__(self, job: dict, log_path: Path, timeout: float, python: str, calibration, seconds: float):
+        self.job, self.log_path, self.timeout, self.python = job, Path(log_path), timeout, python
+        self.calibration, self.seconds = calibration, seconds
+        self.error: str | None = None
+        self.result: dict | None = None
+        self.child: int | None = None
+        self.cancelled = False
+        self.done = threading.Event()
+        threading.Thread(target=self._run, name=f"ahead-{job['model']}@{job['target']}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            # Queue for a slot only once the toolkit is imported: by then the resolutions have all
+            # started their jobs, so the longest of them can go first.
+            with _Ahead.slots().held(self.seconds, self._wait_for_import, lambda: self.cancelled):
+                if not self.cancelled:
+                    self.result = run_worker(self.job, self.log_path, self.timeout, self.python, self._started)
+        except _Abandoned:
+            pass
+        except BaseException as exc:  # the convert task reruns it in its own thread and reports properly
+            self.result = None
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.done.set()
+
+    def _wait_for_import(self) -> None:
+        from pipeline.zygote import IMPORT_TIMEOUT
+
+        zygote = _Zygotes.get(self.python, Path(self.job["workdir"]).parents[2])
+        deadline = time.monotonic() + IMPORT_TIMEOUT
+        while zygote is not None and not self.cancelled and time.monotonic() < deadline:
+            if zygote.wait_ready(time.monotonic() + 1) or not zygote.alive():
+                return
+
+    def _started(self, pid: int) -> None:
+        self.child = pid
+        if self.cancelled:
+            from pipeline.zygote import kill_group
+
+            kill_group(pid)
+
+    def cancel(self, wait: float = 10.0) -> None:
+        """Kill the child if it runs, wait for the thread, and remove what the job wrote."""
+        from pipeline.zygote import kill_group
+
+        self.cancelled = True
+        if self.child is not None:
+            kill_group(self.child)
+        _Ahead.slots().wake()
+        self.done.wait(wait)
+        for leftover in (Path(self.job["rknn_path"]), Path(self.job["result_path"]), self.log_path):
+            leftover.unlink(missing_ok=True)
+
+
+class _Ahead:
+    """Conversions started as soon as their resolution is written, before doit reaches their convert task.
+
+    doit runs a plain build's tasks one at a time, stage by stage (every
+    analysis, every resolution, then every conversion), and its convert task
+    waits for the toolkit. Started ahead, the conversions run from the zygote
+    up to :func:`conversion_slots` at once while doit goes on with the
+    resolutions, and the convert task collects its own result (waiting if it
+    must) and records it exactly as if it had run the worker itself: same job
+    document, same log, same checks.
+
+    Only pairs doit will convert in this run are started: the reporter passes
+    them (:func:`expect_conversions`) from doit's own plan and dependency
+    state, and only to the process that runs the tasks (not to ``-n N``'s task
+    processes, where another process may run the convert task). A job is
+    collected only if the convert task builds the identical job document;
+    anything left uncollected (the build stopped early) is killed and its
+    files removed at exit.
+    """
+
+    owner: int | None = None
+    expected: frozenset = frozenset()
+    jobs: dict[str, _AheadJob] = {}
+    lock = threading.Lock()
+    _slots: tuple[int, _Slots] | None = None
+
+    @classmethod
+    def expect(cls, pairs) -> None:
+        cls.discard_all()
+        cls.owner, cls.expected, cls.jobs = os.getpid(), frozenset(pairs), {}
+
+    @classmethod
+    def wanted(cls, name: str, target: str) -> bool | None:
+        """Whether doit will convert this pair in this process; None where no plan was given."""
+        return (name, target) in cls.expected if cls.owner == os.getpid() else None
+
+    @classmethod
+    def slots(cls) -> _Slots:
+        """The process's conversion slots, made on first use in this process."""
+        with cls.lock:
+            if cls._slots is None or cls._slots[0] != os.getpid():
+                cls._slots = (os.getpid(), _Slots(conversion_slots()))
+            return cls._slots[1]
+
+    @classmethod
+    def start(cls, job: dict, log_path: Path, timeout: float, python: str, calibration, seconds: float) -> None:
+        with cls.lock:
+            earlier = cls.jobs.pop(job["job_path"], None)
+        if earlier is not None:
+            earlier.cancel()
+        started = _AheadJob(job, log_path, timeout, python, calibration, seconds)
+        with cls.lock:
+            cls.jobs[job["job_path"]] = started
+
+    @classmethod
+    def find(cls, job_path: str) -> _AheadJob | None:
+        with cls.lock:
+            return cls.jobs.get(job_path) if cls.owner == os.getpid() else None
+
+    @classmethod
+    def collect(cls, job: dict) -> _AheadJob | None:
+        """The finished job started ahead for this very job document (waiting for it), else None."""
+        with cls.lock:
+            ahead = cls.jobs.pop(job["job_path"], None) if cls.owner == os.getpid() else None
+        if ahead is None:
+            return None
+        if ahead.job != job:  # its inputs changed since: it is of no use
+            ahead.cancel()
+            return None
+        try:
+            while not ahead.done.wait(0.5):
+                pass
+        except BaseException:  # Ctrl-C while waiting: stop every conversion of the build, leave nothing
+            with _shielded():
+                _Zygotes.close_all(stopping=True)
+                ahead.cancel()
+                cls.discard_all()
+            raise
+        if ahead.result is None or not ahead.log_path.exists():
+            return None
+        return ahead
+
+    @classmethod
+    def discard(cls, job_path: str) -> None:
+        with cls.lock:
+            ahead = cls.jobs.pop(job_path, None)
+        if ahead is not None:
+            ahead.cancel()
+
+    @classmethod
+    def discard_all(cls) -> None:
+        """Kill and clean up every uncollected job (at exit: the build stopped before their tasks)."""
+        with cls.lock:
+            left, cls.jobs = (list(cls.jobs.values()) if cls.owner == os.getpid() else []), {}
+        if not left:
+            return
+        for ahead in left:
+            ahead.cancelled = True
+        _Zygotes.close_all(stopping=True)  # its children die with it; jobs waiting for its import stop
+        for ahead in left:
+            ahead.cancel()
+
+
+atexit.register(_Ahead.discard_all)
+
+
+def expect_conversions(pairs) -> None:
+    """Tell this process which (model, target) pairs doit will convert in this run (see :class:`_Ahead`)."""
+    _Ahead.expect(pairs)
+
+
+def expects_conversion(name: str, target: str) -> bool | None:
+    """Whether :func:`expect_conversions` named this pair (None where no plan was given: another
+    reporter, or one of ``doit -n N``'s task processes)."""
+    return _Ahead.wanted(name, target)
+
+
+def start_ahead(model: dict, target: str, resolved: dict, pair: PairLayout | Path, calibration=None,
+                seconds: float = 0.0) -> bool:
+    """Start this pair's conversion now, in the background, if doit will run its convert task in this
+    process; the task then collects it (:func:`convert`). ``seconds`` is its expected duration (longer
+    jobs get a free slot first). False when it was not started."""
+    pair = PairLayout.of(pair)
+    try:
+        if worker_mode() != "fork" or not _Ahead.wanted(model["name"], target):
+            return False
+        job = make_job(model, target, resolved, pair, calibration)
+        python = worker_python(job)
+    except ConversionFailed:  # the convert task reports it
+        return False
+    pair.work.mkdir(parents=True, exist_ok=True)
+    files.remove_partials(pair.dir)
+    _Ahead.start(job, pair.ahead_log, float(model.get("timeout") or 1800), python, calibration, seconds)
+    return True
+
+
+def started_ahead(pair: PairLayout | Path) -> tuple[bool, object]:
+    """Whether a conversion was started ahead for ``pair``, and the calibration it was given (the convert
+    task must not lay out the calibration files again while that conversion reads them)."""
+    ahead = _Ahead.find(str(PairLayout.of(pair).job))
+    return (ahead is not None, ahead.calibration if ahead is not None else None)
+
+
+def cancel_ahead(pair: PairLayout | Path) -> None:
+    """Stop the conversion started ahead for ``pair`` (a cache hit made it moot)."""
+    _Ahead.discard(str(PairLayout.of(pair).job))
+
+
+def run_worker(job: dict, log_path: Path, timeout: float, python: str | None = None, on_child=None) -> dict:
     """Run the conversion worker on ``job`` with ``python`` (default :func:`worker_python`); return its
     result plus ``returncode``.
 
@@ -355,7 +637,8 @@ def run_worker(job: dict, log_path: Path, timeout: float, python: str | None = N
     interpreter; with ``RKNN_PIPELINE_WORKER=fresh``, or once the zygote has
     failed, a fresh process. Either way it has its own session (a timeout kills
     its whole group), and a worker that dies without writing a result (signal,
-    OOM kill) yields a result that says how it died.
+    OOM kill) yields a result that says how it died. ``on_child(pid)`` learns a
+    forked child's pid (to cancel it).
     """
     python = python or worker_python(job)
     workdir = Path(job["workdir"])
@@ -373,10 +656,12 @@ def run_worker(job: dict, log_path: Path, timeout: float, python: str | None = N
     if worker_mode() == "fork":
         zygote = _Zygotes.get(python, workdir.parents[2])
         if zygote is not None:
-            result = _forked(zygote, job_path, result_path, timeout, started)
+            result = _forked(zygote, job_path, result_path, timeout, started, on_child)
             crash = _crash_signal(result)
             if crash is None and result is not None:
                 return result
+            if _Zygotes.stopping:  # the build is being interrupted: no fallback, no retry
+                return {"ok": False, "step": "worker", "returncode": None, "error": "the build was interrupted"}
             fresh_start()
             if crash is None:  # the zygote is gone: this job, and the rest, in fresh processes
                 return _supervise(python, job, job_path, result_path, timeout, time.monotonic())
@@ -392,12 +677,13 @@ def run_worker(job: dict, log_path: Path, timeout: float, python: str | None = N
     return _supervise(python, job, job_path, result_path, timeout, started)
 
 
-def _forked(zygote, job_path: Path, result_path: Path, timeout: float, started: float) -> dict | None:
+def _forked(zygote, job_path: Path, result_path: Path, timeout: float, started: float,
+            on_child=None) -> dict | None:
     """The job's result from a child of ``zygote``; None if the zygote died (the caller falls back)."""
     from pipeline.zygote import ChildTimeout, ZygoteLost
 
     try:
-        returncode = zygote.run(job_path, started + timeout)
+        returncode = zygote.run(job_path, timeout, on_child)  # counted from the fork, not the import
     except ZygoteLost as exc:
         _Zygotes.fall_back(zygote.python, str(exc))
         return None
@@ -407,7 +693,7 @@ def _forked(zygote, job_path: Path, result_path: Path, timeout: float, started: 
         return _timed_out(started, timeout)
     except BaseException:
         with _shielded():  # Ctrl-C or doit stopping: the child's group is dead; stop the zygote too
-            _Zygotes.close_all()
+            _Zygotes.close_all(stopping=True)
         raise
     return _finish(result_path, returncode, started)
 
@@ -507,19 +793,24 @@ def convert(model: dict, target: str, resolved: dict, pair: PairLayout | Path, c
     """Run one conversion and leave its outputs in ``pair`` (a :class:`PairLayout`); return the
     ``convert.json`` record.
 
-    Raises :class:`ConversionFailed` (after writing convert.json with the failure)
-    when the toolkit did not produce a model.
+    A conversion started ahead for the same job (:func:`start_ahead`) is
+    collected instead of run again. Raises :class:`ConversionFailed` (after
+    writing convert.json with the failure) when the toolkit did not produce a model.
     """
     pair = PairLayout.of(pair)
     pair.dir.mkdir(parents=True, exist_ok=True)
-    pair.rknn.unlink(missing_ok=True)
-    pair.accuracy.unlink(missing_ok=True)  # an analysis from an earlier build would mislead
-    files.remove_partials(pair.dir)  # left by a worker killed with its parent in an earlier run
     job = make_job(model, target, resolved, pair, calibration)
     partial = Path(job["rknn_path"])
     with _terminate_as_interrupt():
         try:
-            return _run_and_record(model, target, job, pair)
+            ahead = _Ahead.collect(job)
+            pair.rknn.unlink(missing_ok=True)
+            pair.accuracy.unlink(missing_ok=True)  # an analysis from an earlier build would mislead
+            if ahead is None:
+                files.remove_partials(pair.dir)  # left by a worker killed with its parent in an earlier run
+            else:
+                os.replace(ahead.log_path, pair.log)
+            return _run_and_record(model, target, job, pair, ahead.result if ahead else None)
         except BaseException:
             # Interrupted or failed anywhere, even after the worker finished: no partial model stays.
             with _shielded():
@@ -527,12 +818,13 @@ def convert(model: dict, target: str, resolved: dict, pair: PairLayout | Path, c
             raise
 
 
-def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout) -> dict:
-    """Run the worker, then turn its result and log into convert.json (and model.rknn, last)."""
+def _run_and_record(model: dict, target: str, job: dict, pair: PairLayout, first: dict | None = None) -> dict:
+    """Run the worker (unless ``first`` is its result already), then turn its result and log into
+    convert.json (and model.rknn, last)."""
     from pipeline import diagnostics
 
     log_path = pair.log
-    result, tries = _run_with_retries(model, target, job, log_path)
+    result, tries = _run_with_retries(model, target, job, log_path, first)
     log_text = log_path.read_text(errors="replace")
     layers = parse_layer_table(log_text)
     record = {
@@ -603,7 +895,8 @@ def _check_float_layers(result: dict, layers: list[dict]) -> None:
                             f"int8: {listing}. Keep other tensors in float (the table shows each layer's type)")
 
 
-def _run_with_retries(model: dict, target: str, job: dict, log_path: Path) -> tuple[dict, int]:
+def _run_with_retries(model: dict, target: str, job: dict, log_path: Path,
+                      first: dict | None = None) -> tuple[dict, int]:
     """The worker's result, tried again after a crash where the toolkit is known to crash intermittently.
 
     ``platforms.UNSTABLE`` lists those builds (w8a16 on rk3562); anywhere else a crash is final,
@@ -613,7 +906,11 @@ def _run_with_retries(model: dict, target: str, job: dict, log_path: Path) -> tu
 
     allowed = platforms.attempts(target, model)
     for attempt in range(1, allowed + 1):
-        result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
+        if attempt == 1 and first is not None:
+            result = first  # run ahead, already
+        else:
+            with _Ahead.slots().held():
+                result = run_worker(job, log_path, float(model.get("timeout") or 1800), worker_python(job))
         crash = _crash_signal(result)
         if crash is None or attempt == allowed:
             return result, attempt

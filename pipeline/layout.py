@@ -100,6 +100,12 @@ class PairLayout:
         return self.work / "job.json"
 
     @property
+    def ahead_log(self) -> Path:
+        """The log of a conversion started before its task (see pipeline.conversion); the task moves it
+        to :attr:`log` when it collects the result, so an uncollected one never replaces the real log."""
+        return self.work / "convert.log"
+
+    @property
     def worker_result(self) -> Path:
         return self.dir / "worker-result.json"
 

@@ -38,6 +38,24 @@ def _pair(task_name: str) -> tuple[str, str] | None:
     return name, target
 
 
+def planned(tasks, selected: list[str]) -> set[str]:
+    """The tasks doit will consider for ``selected``: the selection and, transitively, its task
+    dependencies and the tasks whose targets it has as file dependencies (doit's own rule)."""
+    producers = {target: task.name for task in tasks.values() for target in task.targets}
+    seen: set[str] = set()
+    stack = list(selected)
+    while stack:
+        name = stack.pop()
+        task = tasks.get(name)
+        if task is None or name in seen:
+            continue
+        seen.add(name)
+        stack.extend(task.task_dep)
+        stack.extend(task.setup_tasks)
+        stack.extend(producers[path] for path in task.file_dep if path in producers)
+    return seen
+
+
 def shown_verbosity(argv: list[str], default: int = 2) -> int:
     """The ``-v``/``--verbosity`` doit was given (doit hands its reporter no verbosity of its own)."""
     value = None
@@ -80,11 +98,15 @@ class PairReporter(ConsoleReporter):
 
     # -- before the run ------------------------------------------------------------------
     def initialize(self, tasks, selected_tasks):
-        converts = [name for name in tasks if _pair(name)]
+        converts = [name for name in planned(tasks, selected_tasks or []) if _pair(name)]
         self.pending = {name for name in converts if self._stale(tasks, name)}
         self.expected = len(self.pending)
         if self.pending:
             self.estimates = self._recorded_seconds(converts)
+        # The pairs this run will convert, for the conversions started ahead (pipeline.conversion).
+        from pipeline.conversion import expect_conversions
+
+        expect_conversions(_pair(name) for name in self.pending)
 
     @staticmethod
     def _stale(tasks, convert_name: str) -> bool:

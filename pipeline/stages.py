@@ -147,28 +147,74 @@ def detail_lines(record: dict) -> list[str]:
 
 
 def prestart_conversion(manifest, layout, model: dict, target: str, resolved: dict | None = None) -> None:
-    """Start the toolkit's import now if this pair will be converted, so the import overlaps the
-    analysis and resolution still to run.
+    """Get this pair's conversion going as early as its inputs allow, if it will be converted.
 
-    An analysis that runs means the pair changed, so it converts, unless a cache holds it:
-    without a cache the import starts at ``analyze``; with one, at ``resolve`` (``resolved``
-    given), where the conversion's key is known and a hit starts nothing.
+    After ``analyze`` (``resolved`` None) that means starting the toolkit's
+    import in the zygote, so it overlaps the analyses and resolutions still to
+    run; after ``resolve``, starting the conversion itself in the background
+    (:func:`pipeline.conversion.start_ahead`), which its convert task collects.
+    Neither happens for a pair the cache holds, or whose last conversion had the
+    same key and left its model (doit will not rerun it), or which doit will not
+    convert in this run. Without a cache an analysis that runs means the pair
+    changed, so the import starts at ``analyze``; with one, at ``resolve``, where
+    the conversion's key is known.
     """
     from pipeline import conversion
 
     if fanin_mode():
         return  # the fan-in restores or fails; it never starts the toolkit
+    name = model["name"]
+    pair = layout.pair(name, target)
+    planned = conversion.expects_conversion(name, target)
+    if planned is False:
+        return  # doit will not convert it in this run (`doit resolve`, a selection, an unchanged result)
     if resolved is None:
         from pipeline import cache
 
         if os.environ.get(cache.ENV_VAR) or manifest.cache_url:
             return
-    else:
-        store = open_cache(manifest)
-        resolved, key, _ = repair_choice(manifest, layout, model, target, resolved)
-        if store is not None and store.has(key):
-            return
-    conversion.prestart_worker(conversion.make_job(model, target, resolved or {}, layout.pair(model["name"], target)))
+        conversion.prestart_worker(conversion.make_job(model, target, {}, pair))
+        return
+    resolved, key, _ = repair_choice(manifest, layout, model, target, resolved)
+    store = open_cache(manifest)
+    if store is not None and store.has(key):
+        return
+    last = CONVERT.read(pair.convert_record, missing_ok=True) or {}
+    if pair.rknn.exists() and (last.get("cache") or {}).get("key") == key:
+        return
+    if not planned or not conversion.start_ahead(model, target, resolved, pair, _calibration(layout, model, target),
+                                                 _expected_seconds(model, target, last)):
+        conversion.prestart_worker(conversion.make_job(model, target, resolved, pair))
+
+
+def _expected_seconds(model: dict, target: str, last: dict) -> float:
+    """How long this conversion should take: its last recorded time, else the shard planner's estimate."""
+    from pipeline.shard import estimate_seconds
+
+    seconds = last.get("seconds")
+    if isinstance(seconds, (int, float)) and not (last.get("cache") or {}).get("hit"):
+        return float(seconds)
+    try:
+        return estimate_seconds(model, target)
+    except OSError:
+        return 0.0
+
+
+def _calibration(layout, model: dict, target: str) -> dict | None:
+    """Lay out the calibration samples as the toolkit reads them (see :func:`pipeline.conversion.make_job`)."""
+    if not (model.get("quantization") or {}).get("samples"):
+        return None
+    from pipeline.calibration import rows_per_shape, write_dataset
+    from pipeline.shapes import dynamic_input
+
+    name = model["name"]
+    listing = layout.calibration_list(name, target)
+    calibration = {"dataset": listing, "verify_rows": None,
+                   "rows": write_dataset(model["quantization"], layout.calibration_dir(name, target), listing)}
+    if dynamic_input(model):
+        calibration["verify_rows"] = rows_per_shape(model["quantization"], model["shape_sets"],
+                                                    layout.verify_samples_dir(name, target))
+    return calibration
 
 
 def open_cache(manifest):
@@ -196,6 +242,8 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
     started = time.monotonic()
     if store is not None:
         layout.accuracy(name, target).unlink(missing_ok=True)  # only a restored entry's own analysis may stay
+        if conversion.started_ahead(pair)[0] and store.has(key):
+            conversion.cancel_ahead(pair)  # stored by another build meanwhile: its conversion is moot
         restored = store.get(key, pair.dir)
         if restored is not None and set(CACHED_FILES) <= set(restored):
             # The entry may come from another model with the same settings, in another checkout.
@@ -213,17 +261,9 @@ def convert_with_cache(manifest, layout, model: dict, target: str) -> tuple[str,
         where = f"the cache at {cache_location(manifest)}" if store is not None else "any cache (none is configured)"
         raise StageFailed(f"{name}@{target}: fan-in: this conversion is not in {where}; the shard that owned it "
                           f"failed or did not run. Rerun that shard; the fan-in never converts")
-    calibration = None
-    if (model.get("quantization") or {}).get("samples"):
-        from pipeline.calibration import rows_per_shape, write_dataset
-        from pipeline.shapes import dynamic_input
-
-        listing = layout.calibration_list(name, target)
-        calibration = {"dataset": listing, "verify_rows": None,
-                       "rows": write_dataset(model["quantization"], layout.calibration_dir(name, target), listing)}
-        if dynamic_input(model):
-            calibration["verify_rows"] = rows_per_shape(model["quantization"], model["shape_sets"],
-                                                        layout.verify_samples_dir(name, target))
+    running, calibration = conversion.started_ahead(pair)
+    if not running:  # else the conversion started ahead reads the calibration it was given: leave it be
+        calibration = _calibration(layout, model, target)
     try:
         record = conversion.convert(model, target, resolved, pair, calibration)
     except conversion.ConversionFailed as exc:

@@ -16,9 +16,11 @@ next one.
 Protocol on the zygote's stdin/stdout, one JSON object per line::
 
     zygote -> parent   {"ready": PID}            after the import (or {"error": ...} and exit)
-    parent -> zygote   {"job": "/path/job.json"}
-    zygote -> parent   {"child": PID}            right after the fork
-    zygote -> parent   {"exit": PID, "returncode": N}   negative N: killed by signal -N
+    parent -> zygote   {"job": "/path/job.json", "id": N}
+    zygote -> parent   {"child": PID, "id": N}   right after the fork
+    zygote -> parent   {"exit": PID, "id": N, "returncode": C}   negative C: killed by signal -C
+
+Several jobs may be running at once; ``id`` pairs each answer with its request.
 
 The parent side is :class:`Zygote`; the policy (when to fall back to a fresh
 process per conversion) is in :mod:`pipeline.conversion`.
@@ -33,6 +35,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -62,6 +65,9 @@ def kill_group(pgid: int) -> None:
         pass
 
 
+IMPORT_TIMEOUT = 600.0  # seconds; the import takes 2-4 s on two cores, far longer only if something is wrong
+
+
 class ZygoteLost(RuntimeError):
     """The zygote exited or stopped answering: the caller falls back to a fresh process."""
 
@@ -71,10 +77,14 @@ class ChildTimeout(Exception):
 
 
 class Zygote:
-    """The parent's handle on one zygote process (one job at a time; not shared across processes).
+    """The parent's handle on one zygote process, shared by the threads of the process that started it.
 
-    ``owner`` is the pid that started it: a process forked from the owner (doit's
-    task processes) must start its own instead of writing into the same pipe.
+    Several conversions may run from one zygote at once (see
+    :mod:`pipeline.conversion`: conversions started ahead of their task): each
+    request carries an id, and a reader thread hands every answer to the
+    request it belongs to. ``owner`` is the pid that started it: a process
+    forked from the owner (doit's task processes) must start its own instead of
+    writing into the same pipe.
     """
 
     def __init__(self, python: str, build_dir: Path):
@@ -82,87 +92,123 @@ class Zygote:
         self.build_dir = str(build_dir)
         self.owner = os.getpid()
         self.ready = False
-        self._buffer = b""
+        self.lost: str | None = None  # why the zygote is gone, once it is
+        self._answers: dict[int, list[dict]] = {}
+        self._next_id = 0
+        self._changed = threading.Condition()
         from pipeline.toolkit_envs import worker_environment
 
         env = worker_environment(python)
         self.proc = subprocess.Popen([python, "-m", "pipeline.zygote", self.build_dir],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      env=env, start_new_session=True, preexec_fn=die_with_parent)
+        self._error: str | None = None
+        threading.Thread(target=self._read_answers, name=f"zygote-{self.pid}", daemon=True).start()
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc.poll() is None and self.lost is None
 
-    def run(self, job_path: Path, deadline: float) -> int:
+    def wait_ready(self, deadline: float) -> bool:
+        """Wait until the toolkit is imported; False if it died or the deadline passed first."""
+        with self._changed:
+            try:
+                return self._wait(lambda: self.ready, deadline)
+            except ZygoteLost:
+                return False
+
+    def run(self, job_path: Path, timeout: float, on_child=None) -> int:
         """Fork a child for ``job_path`` and wait for it; its return code (negative: a signal).
 
-        Raises :class:`ChildTimeout` at ``deadline`` (after killing the child's
-        group, or the zygote if it was still importing) and :class:`ZygoteLost`
-        if the zygote died. On any other exception (Ctrl-C) the child's group is
-        killed before it propagates.
+        ``timeout`` counts from the fork: the toolkit's import is the build's
+        cost, not the job's (other jobs may be waiting on the same import). An
+        import still running after ``timeout`` (or :data:`IMPORT_TIMEOUT`) is
+        hung: the zygote is stopped and the job times out. ``on_child(pid)`` is
+        called once the child exists (so a caller can kill it). Raises
+        :class:`ChildTimeout` after killing the child's group (or the zygote),
+        and :class:`ZygoteLost` if the zygote died. On any other exception
+        (Ctrl-C) the child's group is killed before it propagates.
         """
-        if not self.ready:
-            message = self._read(deadline, on_timeout=self.close)
-            if "ready" not in message:
+        with self._changed:
+            if not self._wait(lambda: self.ready, time.monotonic() + min(timeout, IMPORT_TIMEOUT)):
                 self.close()
-                raise ZygoteLost(f"the conversion zygote (pid {self.pid}) did not start: "
-                                 f"{message.get('error') or message}")
-            self.ready = True
-        try:
-            self.proc.stdin.write(json.dumps({"job": str(job_path)}).encode() + b"\n")
-            self.proc.stdin.flush()
-        except OSError as exc:
-            self.close()
-            raise ZygoteLost(f"the conversion zygote (pid {self.pid}) stopped reading ({exc})") from exc
-        child = self._read(deadline, on_timeout=self.close).get("child")
-        if not child:
-            self.close()
-            raise ZygoteLost(f"the conversion zygote (pid {self.pid}) did not fork")
-        try:
-            answer = self._read(deadline, on_timeout=lambda: kill_group(child))
-        except ChildTimeout:
-            try:  # the zygote reaps it and says so; if it does not, it is of no further use
-                self._read(time.monotonic() + 10, on_timeout=self.close)
-            except (ChildTimeout, ZygoteLost):
-                self.close()
-            raise
-        except BaseException:  # Ctrl-C, or the zygote died (the child dies with it; make sure)
-            kill_group(child)
-            raise
-        return int(answer["returncode"])
+                raise ChildTimeout()
+            deadline = time.monotonic() + timeout
+            request = self._next_id = self._next_id + 1
+            self._answers[request] = []
+            try:
+                self.proc.stdin.write(json.dumps({"job": str(job_path), "id": request}).encode() + b"\n")
+                self.proc.stdin.flush()
+            except (OSError, ValueError) as exc:
+                self._lose(f"the conversion zygote (pid {self.pid}) stopped reading ({exc})")
+                raise ZygoteLost(self.lost) from exc
+            try:
+                if not self._wait(lambda: self._answers[request], deadline):
+                    self.close()  # it did not even fork in time: of no further use
+                    raise ChildTimeout()
+                child = self._answers[request].pop(0)["child"]
+                if on_child is not None:
+                    on_child(child)
+                try:
+                    if not self._wait(lambda: self._answers[request], deadline):
+                        kill_group(child)
+                        # the zygote reaps it and says so; if it does not, it is of no further use
+                        if not self._wait(lambda: self._answers[request], time.monotonic() + 10):
+                            self.close()
+                        raise ChildTimeout()
+                except ZygoteLost:
+                    raise
+                except BaseException:  # Ctrl-C: the child's group goes first
+                    kill_group(child)
+                    raise
+                return int(self._answers[request].pop(0)["returncode"])
+            finally:
+                self._answers.pop(request, None)
 
-    def _read(self, deadline: float, on_timeout) -> dict:
-        """The next protocol line before ``deadline``; ``on_timeout`` runs before ChildTimeout is raised."""
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buffer:
+    def _wait(self, answered, deadline: float) -> bool:
+        """Wait (holding the condition) until ``answered()``; False at the deadline, ZygoteLost if it died."""
+        while not answered():
+            if self.lost is not None:
+                raise ZygoteLost(self.lost)
             left = deadline - time.monotonic()
             if left <= 0:
-                on_timeout()
-                raise ChildTimeout()
-            readable, _, _ = select.select([fd], [], [], left)
-            if readable:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    raise ZygoteLost(self.obituary())
-                self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+                return False
+            self._changed.wait(min(left, 1.0))
+        return True
+
+    def _read_answers(self) -> None:
+        """The reader thread: route each protocol line to its request; on EOF, record why the zygote died."""
+        stream = self.proc.stdout
+        try:
+            for line in iter(stream.readline, b""):
+                message = json.loads(line)
+                with self._changed:
+                    if "ready" in message:
+                        self.ready = True
+                    elif "error" in message:
+                        self._error = message["error"]
+                    elif message.get("id") in self._answers:
+                        self._answers[message["id"]].append(message)
+                    self._changed.notify_all()
+        except (OSError, ValueError):  # closed under us by close()
+            pass
+        self._lose(self.obituary())
+
+    def _lose(self, why: str) -> None:
+        with self._changed:
+            if self.lost is None:
+                self.lost = why
+            self._changed.notify_all()
 
     def obituary(self) -> str:
         """Why this zygote is gone, in a few words: its own last message if it sent one, else its exit status."""
         code = self.proc.wait()
-        try:
-            lines = (self._buffer + self.proc.stdout.read()).splitlines()
-        except (OSError, ValueError):
-            lines = []
-        errors = [json.loads(line).get("error") for line in lines if line.startswith(b"{")]
         how = (f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
         when = "" if self.ready else " before it was ready"
-        last = f": {errors[-1]}" if errors and errors[-1] else ""
+        last = f": {self._error}" if self._error else ""
         return f"the conversion zygote (pid {self.pid}) {how}{when}{last}"
 
     def close(self) -> None:
@@ -179,8 +225,8 @@ class Zygote:
             self.proc.stdin.close()
         except OSError:
             pass
-        self.proc.stdout.close()
         self.proc.wait()
+        self._lose(f"the conversion zygote (pid {self.pid}) was stopped")
 
 
 # -- the zygote process ----------------------------------------------------------------------------
@@ -190,7 +236,7 @@ def _reply(fd: int, message: dict) -> None:
     os.write(fd, json.dumps(message).encode() + b"\n")
 
 
-def _child(job_path: str, zygote: int, channel: tuple[int, int]) -> None:
+def _child(job_path: str, zygote: int, inherited: tuple[int, ...]) -> None:
     """In the forked child: become a worker of its own, run the job, never return into the zygote's loop."""
     code = 70
     try:
@@ -198,8 +244,10 @@ def _child(job_path: str, zygote: int, channel: tuple[int, int]) -> None:
         die_with_parent()
         if os.getppid() != zygote:  # the zygote died between fork and prctl
             os._exit(code)
-        for fd in channel:
+        signal.set_wakeup_fd(-1)
+        for fd in inherited:
             os.close(fd)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         from pipeline import worker
@@ -258,17 +306,53 @@ def main(argv: list[str]) -> int:
     gc.collect()
     gc.freeze()
     _reply(replies, {"ready": os.getpid()})
-    me = os.getpid()
-    with os.fdopen(requests, "rb", buffering=0) as stream:
-        for line in iter(stream.readline, b""):
-            job_path = json.loads(line)["job"]
-            pid = os.fork()
-            if pid == 0:
-                _child(job_path, me, (requests, replies))
-            _reply(replies, {"child": pid})
-            _, status = os.waitpid(pid, 0)
-            _reply(replies, {"exit": pid, "returncode": os.waitstatus_to_exitcode(status)})
+    _serve(requests, replies)
     return 0
+
+
+def _serve(requests: int, replies: int) -> None:
+    """Fork a child per request line, several at once, and report each exit as it happens.
+
+    SIGCHLD wakes the loop through a pipe (``signal.set_wakeup_fd``), so the
+    zygote sleeps in ``select`` between events instead of polling. EOF on the
+    requests means the build is over: the zygote returns, and any child still
+    running dies with it (``die_with_parent``).
+    """
+    wake_read, wake_write = os.pipe()
+    for fd in (wake_read, wake_write):
+        os.set_blocking(fd, False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # a handler, so the wakeup fd is written
+    signal.set_wakeup_fd(wake_write)
+    me = os.getpid()
+    children: dict[int, int] = {}  # pid -> request id
+    pending = b""
+    while True:
+        readable, _, _ = select.select([requests, wake_read], [], [])
+        if wake_read in readable:
+            try:
+                while os.read(wake_read, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            request = children.pop(pid, None)
+            _reply(replies, {"exit": pid, "id": request, "returncode": os.waitstatus_to_exitcode(status)})
+        if requests in readable:
+            chunk = os.read(requests, 65536)
+            if not chunk:
+                return
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                message = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    _child(message["job"], me, (requests, replies, wake_read, wake_write))
+                children[pid] = message.get("id")
+                _reply(replies, {"child": pid, "id": message.get("id")})
 
 
 if __name__ == "__main__":

@@ -133,6 +133,66 @@ def test_sigint_of_a_parallel_build_leaves_nothing_half_written(tmp_path):
         assert (project.root / "dist" / "rk3588" / f"{name}.rknn").is_file()
 
 
+def _two_slow_manifest(alpha_timeout: int) -> str:
+    """alpha and beta both take seconds to build, so the plain build runs them side by side."""
+    slow = "source: examples/models/light_inception_v2.onnx\n    inputs: {data_0: [1, 3, 224, 224]}"
+    return (MANIFEST.format(timeout=alpha_timeout).replace("source: alpha.onnx", slow)
+            .replace("source: beta.onnx", slow))
+
+
+def _two_slow_models(root: Path, alpha_timeout: int) -> Project:
+    project = _project(root)
+    project.write_manifest(_two_slow_manifest(alpha_timeout))
+    return project
+
+
+def _watch_two_at_once(project: Project) -> tuple[subprocess.Popen, bool]:
+    """Start a plain `doit` (the pipeline's reporter: conversions start ahead) and see two conversions
+    running at once."""
+    doit = subprocess.Popen([sys.executable, "-m", "doit", "--reporter", "rknn"], cwd=project.root, env=project.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and doit.poll() is None:
+        if len(_workers(project.root, active=True)) >= 2:
+            return doit, True
+        time.sleep(0.05)
+    return doit, False
+
+
+@pytest.mark.toolkit
+def test_a_failed_conversion_stops_the_plain_build_and_the_ones_started_ahead_leave_nothing(tmp_path):
+    project = _two_slow_models(tmp_path, alpha_timeout=2)
+    doit, both = _watch_two_at_once(project)
+    out, _ = doit.communicate(timeout=300)
+    assert both, "the two conversions never ran at once: nothing was started ahead\n" + out
+    assert doit.returncode != 0
+    assert "alpha@rk3588: conversion failed at timeout" in out
+    assert not _workers(project.root), "a conversion started ahead outlived the build"
+    beta = project.root / "build" / "beta" / "rk3588"
+    # beta's conversion was killed before its task ran: no model, no record, no log of a run nobody read
+    assert not [p.name for p in beta.rglob("*") if p.name in ("model.rknn", "convert.json", "convert.log")]
+    _assert_clean(project)
+    project.write_manifest(_two_slow_manifest(600))
+    ran = Project.ran(project.doit())
+    assert {"convert:alpha@rk3588", "convert:beta@rk3588"} <= ran
+
+
+@pytest.mark.toolkit
+def test_sigint_of_a_plain_build_with_conversions_ahead_leaves_nothing_half_written(tmp_path):
+    project = _two_slow_models(tmp_path, alpha_timeout=600)
+    doit, both = _watch_two_at_once(project)
+    assert both, "the two conversions never ran at once: nothing was started ahead"
+    time.sleep(1)
+    os.killpg(doit.pid, signal.SIGINT)
+    doit.communicate(timeout=120)
+    assert doit.returncode != 0
+    assert not _workers(project.root), "a conversion worker or zygote outlived the interrupted build"
+    _assert_clean(project)
+    assert not list(project.root.glob("build/*/rk3588/work/convert.log")), "a log of a killed conversion stayed"
+    project.doit()
+    for name in ("alpha", "beta"):
+        assert (project.root / "dist" / "rk3588" / f"{name}.rknn").is_file()
+
 @pytest.mark.toolkit
 def test_an_unwritable_dist_fails_export_with_a_clear_error(tmp_path):
     project = _project(tmp_path)

@@ -78,6 +78,25 @@ def test_an_unknown_worker_mode_is_a_clear_error(tmp_path):
     assert not starts.exists()
 
 
+
+def test_only_the_pairs_doit_will_convert_start_the_toolkit(tmp_path):
+    """The pipeline's reporter tells the build which conversions this run makes; nothing else starts one."""
+    project, starts = _project(tmp_path, "exit 97")
+    project.doit("resolve", reporter="rknn")
+    assert not starts.exists(), "`doit resolve` started the toolkit"
+    proc = project.doit("convert:alpha@rk3566", check=False, reporter="rknn")
+    assert "[1/1] convert alpha@rk3566" in proc.stdout
+    # one zygote (it fails here), then the one selected conversion in a fresh worker; not alpha@rk3588
+    assert starts.read_text().split() == ["pipeline.zygote", "pipeline.worker"]
+
+
+def test_a_bad_number_of_conversion_slots_is_a_clear_error(tmp_path):
+    project, starts = _project(tmp_path, "exit 97")
+    project.env["RKNN_PIPELINE_JOBS"] = "two"
+    proc = project.doit("convert:alpha@rk3588", check=False, reporter="rknn")
+    assert proc.returncode != 0
+    assert "RKNN_PIPELINE_JOBS='two' is not a whole number of conversions" in proc.stdout + proc.stderr
+
 # -- proof that forking is safe, with the real toolkit -------------------------------------------------
 
 
@@ -136,7 +155,8 @@ def test_every_example_model_converts_the_same_in_a_forked_child_and_in_a_fresh_
         starts = _recording_python(project)
         project.env["RKNN_PIPELINE_WORKER"] = mode
         project.env["RKNN_PIPELINE_PREWARM"] = "0"
-        out = project.doit("convert")
+        # forked: with the pipeline's reporter, so conversions start ahead and run two at once
+        out = project.doit("convert", reporter="rknn" if mode == "fork" else "console")
         assert FALLBACK not in out.stdout + out.stderr
         started = starts.read_text().split()
         pairs = sorted(path.parent for path in project.root.glob("build/*/*/convert.json"))
@@ -210,7 +230,7 @@ def in_process(tmp_path, monkeypatch):
     monkeypatch.setenv("RKNN_PIPELINE_PREWARM", "0")
     monkeypatch.chdir(tmp_path)
     _Zygotes.close_all()
-    _Zygotes.refused = {}
+    _Zygotes.refused, _Zygotes.stopping = {}, False
     yield lambda manifest=SMALL: _InProcess(tmp_path, manifest)
     _Zygotes.close_all()
 
