@@ -88,7 +88,11 @@ def example_agreement(ws: Path) -> list[dict]:
         layers = files.read_json(layout.placement(name, target), [])
         resolved = files.read_json(layout.resolved(name, target), {})
         compared = placement_comparison(analysis, layers, resolved)
+        steered = {item["node"] for item in (resolved.get("explanations") or {}).values()}
+        steered |= {item["node"] for item in resolved.get("rewrites") or []}
+        folded = [n for n in analysis["nodes"] if n["predicted"]["placement"] == "none"]
         rows.append({"model": name, "target": target, "nodes": len(analysis["nodes"]),
+                     "folded": len(folded), "steered": len(steered & {n["name"] for n in analysis["nodes"]}),
                      "compared": len(compared), "agree": sum(item["agree"] for item in compared),
                      "disagree": [f"{item['node']} ({item['op_type']}): predicted {item['predicted']}, "
                                   f"built {item['actual']}" for item in compared if not item["agree"]]})
@@ -168,21 +172,27 @@ def render(probe: dict, examples: dict, date: str) -> str:
     models = examples["models"]
     total = Counter()
     for row in models:
-        total.update(nodes=row["nodes"], compared=row["compared"], agree=row["agree"])
+        total.update({key: row[key] for key in ("nodes", "folded", "steered", "compared", "agree")})
+
+    def example_row(r):
+        unnamed = r["nodes"] - r["folded"] - r["steered"] - r["compared"]
+        return [r["nodes"], r["folded"], r["steered"], unnamed, r["compared"], r["agree"], r["compared"] - r["agree"]]
+
     lines += [
         "## The example models' real builds",
         "",
         "`doit` builds `models.yaml` in a scratch copy; for every exported model x target, the nodes of",
-        "`analysis.json` whose prediction the layer table (`placement.json`) can be checked against:",
-        "nodes the layer table names (not the ones the toolkit folded or renamed) and that no override",
-        "moved. This is the comparison behind the sidecar's `predicted_vs_actual`.",
+        "`analysis.json` are compared with the layer table (`placement.json`) by",
+        "`stages.placement_comparison`, the comparison behind the sidecar's `predicted_vs_actual`.",
+        "*folded*: the rules predict the toolkit removes the node; *steered*: an override placed or",
+        "rewrote it (left out); *not in the table*: no layer carries the node's name (the toolkit",
+        "fused, folded or renamed it), so nothing can be compared.",
         f"doit exit status: {examples['doit_returncode']}.",
         "",
-        *_table(["model", "target", "nodes", "compared", "agree", "disagree"],
-                [[r["model"], r["target"], r["nodes"], r["compared"], r["agree"], r["compared"] - r["agree"]]
-                 for r in models]
-                + [["all", "", total["nodes"], total["compared"], total["agree"],
-                    total["compared"] - total["agree"]]]),
+        *_table(["model", "target", "nodes", "folded", "steered", "not in the table", "compared", "agree",
+                 "disagree"],
+                [[r["model"], r["target"], *example_row(r)] for r in models]
+                + [["all", "", *example_row(total)]]),
         "",
     ]
     wrong_nodes = [f"- {r['model']}@{r['target']}: {item}" for r in models for item in r["disagree"]]
