@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tests/placement_probe.py OUT.json [--cases OP/VARIANT,...] [--targets T,...]
+    python tests/placement_probe.py OUT.json [--case OP/VARIANT ...] [--targets T,...]
 
 Run as a subprocess (by ``tests/test_placement_facts.py`` and
 ``benchmarks/placement_agreement.py``): the toolkit prints its layer table from
@@ -422,10 +422,10 @@ def probe(directory: Path, cases: list[Case], targets: list[str]) -> dict:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--cases", help="comma-separated OP/VARIANT keys (default: every case)")
+    parser.add_argument("--case", action="append", help="an OP/VARIANT key, repeatable (default: every case)")
     parser.add_argument("--targets", help=f"comma-separated targets (default: {','.join(TARGETS)})")
     args = parser.parse_args(argv)
-    cases = selected(args.cases.split(",") if args.cases else None)
+    cases = selected(args.case)
     targets = args.targets.split(",") if args.targets else list(TARGETS)
     with tempfile.TemporaryDirectory(prefix="placement-probe-") as work:
         report = probe(Path(work), cases, targets)

@@ -65,7 +65,8 @@ def test_toolkit_still_places_the_subset_as_the_doc_says(doc_text, tmp_path):
     out, log = tmp_path / "probe.json", tmp_path / "probe.log"
     with log.open("wb") as sink:
         proc = subprocess.run([sys.executable, str(REPO / "tests" / "placement_probe.py"), str(out),
-                               "--cases", ",".join(SUBSET_CASES), "--targets", ",".join(SUBSET_TARGETS)],
+                               *(arg for case in SUBSET_CASES for arg in ("--case", case)),
+                               "--targets", ",".join(SUBSET_TARGETS)],
                               cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, timeout=600)
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"placement probe failed ({proc.returncode}):\n{log.read_bytes()[-4000:].decode(errors='replace')}")
