@@ -64,11 +64,13 @@ from pipeline import platforms  # noqa: E402
 TARGETS = ("rk3588", "rk3566", "rk3562", "rk3576", "rv1106", "rv1103b", "rk2118")
 X = [1, 4, 8, 8]  # the graph input of every 4-D case: small, so a build takes a fraction of a second
 NODE = "probe_node"
+TWO_OUTPUTS = {"Split", "TopK"}  # ops whose second output is not optional
 OPSET = 13
 
 
 class Case(NamedTuple):
-    """One single-node model: ``build(helper, np)`` returns its node kwargs (see :func:`make_model`)."""
+    """One single-node model. ``spec(numpy)`` returns ``{"op", "attrs", "consts": [(input name, array)],
+    "inputs", "shape", "opset", "dtype"}`` (all but ``op`` optional; see :func:`make_model`)."""
 
     op: str
     variant: str
@@ -250,9 +252,8 @@ def make_model(case: Case, path: Path):
     consts = spec.get("consts", [])
     inputs = spec.get("inputs") or ["x", *(name for name, _ in consts)]
     initializers = [numpy_helper.from_array(np.asarray(array), name) for name, array in consts if name]
-    node = helper.make_node(spec["op"], inputs, ["y"], name=NODE, **spec.get("attrs", {}))
-    if spec["op"] in ("Split", "TopK"):
-        node = helper.make_node(spec["op"], inputs, ["y", "y2"], name=NODE, **spec.get("attrs", {}))
+    outputs = ["y", "y2"] if spec["op"] in TWO_OUTPUTS else ["y"]
+    node = helper.make_node(spec["op"], inputs, outputs, name=NODE, **spec.get("attrs", {}))
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", elem, shape)], [], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.get("opset", OPSET))])
