@@ -388,27 +388,42 @@ def placement_check(model: dict, target: str, record: dict, resolved: dict, rule
     return warnings, errors
 
 
-def predicted_vs_actual(analysis: dict, layers: list[dict], resolved: dict) -> list[dict]:
-    """Nodes whose predicted placement differs from the layer table's: the rules table's misses.
+def actual_placements(layers: list[dict]) -> dict[str, str]:
+    """ONNX node name -> ``npu`` or ``cpu`` as the layer table places it.
 
+    A node split into several layers counts as CPU if any part is on the CPU.
+    """
+    actual: dict[str, str] = {}
+    for layer in layers:
+        if layer.get("node") and layer["target"] in ("CPU", "NPU") and actual.get(layer["node"]) != "cpu":
+            actual[layer["node"]] = layer["target"].lower()
+    return actual
+
+
+def placement_comparison(analysis: dict, layers: list[dict], resolved: dict) -> list[dict]:
+    """Every node both predicted and placed by the layer table, with ``agree``.
+
+    Only NPU versus off the NPU is compared: ``unsupported`` (the target's CPU runtime
+    cannot run it) agrees with a CPU layer, since the build still lists such layers.
     Nodes an override placed or rewrote are left out: they moved because the user asked.
     """
     steered = {item["node"] for item in (resolved.get("explanations") or {}).values()}
     steered |= {item["node"] for item in resolved.get("rewrites") or []}
-    actual: dict[str, str] = {}
-    for layer in layers:
-        if layer.get("node") and layer["target"] in ("CPU", "NPU"):
-            # a node split into several layers counts as CPU if any part is on the CPU
-            if actual.get(layer["node"]) != "cpu":
-                actual[layer["node"]] = layer["target"].lower()
+    actual = actual_placements(layers)
     out = []
     for node in analysis["nodes"]:
         predicted = node["predicted"]["placement"]
         got = actual.get(node["name"])
-        if got and node["name"] not in steered and predicted in ("npu", "cpu", "unsupported") and (predicted == "npu") != (got == "npu"):
+        if got and node["name"] not in steered and predicted in ("npu", "cpu", "unsupported"):
             out.append({"node": node["name"], "op_type": node["op_type"], "predicted": predicted, "actual": got,
-                        "reason": node["predicted"]["reason"]})
+                        "reason": node["predicted"]["reason"], "agree": (predicted == "npu") == (got == "npu")})
     return out
+
+
+def predicted_vs_actual(analysis: dict, layers: list[dict], resolved: dict) -> list[dict]:
+    """Nodes whose predicted placement differs from the layer table's: the rules table's misses."""
+    return [{key: value for key, value in item.items() if key != "agree"}
+            for item in placement_comparison(analysis, layers, resolved) if not item["agree"]]
 
 
 def export(manifest, layout, model: dict, target: str) -> list[str]:

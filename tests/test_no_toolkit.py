@@ -36,7 +36,7 @@ sys.meta_path.insert(0, _NoToolkit())
 '''
 
 SUBSET = ["tests/test_decisions.py", "tests/test_actions.py", "tests/test_resolution.py", "tests/test_doit_errors.py",
-          "tests/test_spawn.py", "tests/test_cache.py", "tests/test_identity.py"]
+          "tests/test_spawn.py", "tests/test_cache.py", "tests/test_identity.py", "tests/test_placement_facts.py"]
 
 
 def _blocked_env(tmp_path: Path) -> tuple[dict, Path]:
