@@ -840,6 +840,7 @@ class Benchmark:
         self.add(section, "`doit -n 2 -P process`", "s", timings["parallel"])
         self.add(section, f"{cores}-core floor: CPU seconds of the `-n 1` run / {cores}", "s", timings["floor"])
         self.add(section, "ratio `-n 2` / floor", "x", ratios(timings["parallel"], timings["floor"]))
+        self.add(section, "ratio `-n 1` / floor", "x", ratios(timings["serial"], timings["floor"]))
         self.add(section, "speed-up -n 1 / -n 2", "x", ratios(timings["serial"], timings["parallel"]))
         for name, rss in self.worker_rss().items():
             self.add(section, f"peak RSS of the conversion worker, {name}", "MiB", rss)
@@ -848,7 +849,11 @@ class Benchmark:
                            f"takes to import), each workspace fresh. The floor is the physical limit on this "
                            f"machine: all the CPU time the `-n 1` build's processes used (user + system, "
                            f"the toolkit's own threads included), divided by the {cores} cores; `-n 2` cannot "
-                           "beat it, and a ratio near 1 means the cores were kept busy. Both cores are shared "
+                           "beat it, and a ratio near 1 means the cores were kept busy. `-n 1` runs doit's tasks "
+                           "one at a time, but starts each conversion when its resolution is written, up to one "
+                           "per core at once (docs/architecture.md, worker model); `-n 2 -P process` runs tasks in "
+                           "two processes, each with its own toolkit import and no conversion started ahead. "
+                           "Both cores are shared "
                            "with other work while measuring. Peak RSS: each benchmark model built alone with "
                            f"RKNN_PIPELINE_WORKER=fresh (one worker process per conversion), measured by {how} "
                            f"through a wrapper given as {WORKER_ENV}; with forked workers each child shares "
