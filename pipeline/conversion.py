@@ -213,6 +213,29 @@ def worker_mode() -> str:
     return mode
 
 
+_LAUNCHER: tuple[int, object] | None = None
+
+
+def _launch(start, *args):
+    """``start(*args)`` in the main thread, or in one thread that lives as long as this process.
+
+    A zygote dies with the *thread* that started it (``PR_SET_PDEATHSIG`` follows
+    the parent thread, not the process), and conversions started ahead run in
+    short-lived threads; a zygote started from one of them would be killed the
+    moment that job's thread ended, under every other job.
+    """
+    global _LAUNCHER
+    if threading.current_thread() is threading.main_thread():
+        return start(*args)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _Zygotes.lock:
+        if _LAUNCHER is None or _LAUNCHER[0] != os.getpid():
+            _LAUNCHER = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="zygote-launcher"))
+        launcher = _LAUNCHER[1]
+    return launcher.submit(start, *args).result()
+
+
 class _Zygotes:
     """The zygotes of this process: one per (interpreter, build directory), started on first use.
 
@@ -258,7 +281,7 @@ class _Zygotes:
                 cls.fall_back(python, zygote.lost or zygote.obituary())
                 return None
             if zygote is None:
-                zygote = cls.live[key] = Zygote(python, build_dir)
+                zygote = cls.live[key] = _launch(Zygote, python, build_dir)
             return zygote
 
     @classmethod

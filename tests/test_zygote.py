@@ -172,6 +172,28 @@ def test_every_example_model_converts_the_same_in_a_forked_child_and_in_a_fresh_
         assert forked == fresh, f"{name}@{target} differs between a forked and a fresh worker"
 
 
+@pytest.mark.toolkit
+def test_a_zygote_started_by_a_conversion_ahead_outlives_that_conversion(tmp_path):
+    """With a cache the zygote starts at resolve, from the thread of the first conversion started ahead;
+    it must serve the next ones (a zygote dies with the thread that started it, unless that is a
+    long-lived one)."""
+    project = Project(tmp_path)
+    project.write_manifest("""\
+version: 1
+models:
+  - name: pool
+    source: examples/models/tiny_pool_identity.onnx
+    inputs: {x: [1, 3, 32, 32]}
+    targets: [rk3588, rk3566, rk3576]
+""")
+    starts = _recording_python(project)
+    project.env.update(RKNN_PIPELINE_CACHE=str(tmp_path / "cache"), RKNN_PIPELINE_JOBS="1",
+                       RKNN_PIPELINE_PREWARM="0")
+    out = project.doit(reporter="rknn")
+    assert FALLBACK not in out.stdout + out.stderr
+    assert "3 conversions: 3 converted" in out.stdout
+    assert starts.read_text().split() == ["pipeline.zygote"]
+
 def _rollup(pid: int) -> dict[str, int]:
     """A process's memory in kB: proportional (pss), unique (uss), and what it wrote itself (anonymous,
     private_dirty). Only the last two can show a leak: pss and uss also move when other processes map or
