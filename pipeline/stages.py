@@ -177,14 +177,22 @@ def prestart_conversion(manifest, layout, model: dict, target: str, resolved: di
         return
     resolved, key, _ = repair_choice(manifest, layout, model, target, resolved)
     store = open_cache(manifest)
-    if store is not None and store.has(key):
-        return
+    if store is not None and (store.has(key) or key in _AHEAD_KEYS):
+        return  # cached, or about to be: an earlier pair with the same key stores it before this task runs
+
     last = CONVERT.read(pair.convert_record, missing_ok=True) or {}
     if pair.rknn.exists() and (last.get("cache") or {}).get("key") == key:
         return
-    if not planned or not conversion.start_ahead(model, target, resolved, pair, _calibration(layout, model, target),
-                                                 _expected_seconds(model, target, last)):
+    if planned and conversion.start_ahead(model, target, resolved, pair, _calibration(layout, model, target),
+                                          _expected_seconds(model, target, last)):
+        _AHEAD_KEYS.add(key)
+    else:
         conversion.prestart_worker(conversion.make_job(model, target, resolved, pair))
+
+
+# Keys of the conversions this process started ahead: with a cache, a second pair with the same key
+# (the key holds no model name) is restored by its task from what the first one stored.
+_AHEAD_KEYS: set[str] = set()
 
 
 def _expected_seconds(model: dict, target: str, last: dict) -> float:

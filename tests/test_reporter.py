@@ -73,3 +73,32 @@ def test_the_summary_counts_cache_restores(project, tmp_path):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out = project.doit(reporter="rknn").stdout
     assert re.search(r"^3 conversions: 0 converted, 3 restored from the cache, 0 failed; ", out, flags=re.M), out
+
+
+@pytest.mark.toolkit
+def test_two_hundred_pairs_up_to_date_are_one_line(project, tmp_path):
+    """The issue's scale: 50 models x 4 targets. Identical settings share one cache key per target (the key
+    holds no model name), so the first build converts 4 pairs and restores the other 196."""
+    targets = ["rk3588", "rk3566", "rk3576", "rk3562"]
+    models = "".join(f"""\
+  - name: m{index:02d}
+    source: examples/models/tiny_pool_identity.onnx
+    targets: [{", ".join(targets)}]
+    inputs: {{x: [1, 3, 32, 32]}}
+""" for index in range(50))
+    project.write_manifest("version: 1\nmodels:\n" + models)
+    project.env["RKNN_PIPELINE_CACHE"] = str(tmp_path / "cache")
+    first = project.doit(reporter="rknn").stdout
+    starts = re.findall(r"^\[(\d+)/(\d+)\] convert (\S+)", first, flags=re.M)
+    assert [int(i) for i, _, _ in starts] == list(range(1, 201)) and {n for _, n, _ in starts} == {"200"}
+    assert len({pair for *_, pair in starts}) == 200
+    assert re.search(r"^200 conversions: 4 converted, 196 restored from the cache, 0 failed; \d", first, flags=re.M), \
+        first[-2000:]
+
+    assert project.doit(reporter="rknn").stdout == "200 model x target pairs up to date\n"
+    # doit's own reporter still lists every task, and doit's commands still see them all
+    console = project.doit(reporter="console").stdout.splitlines()
+    skipped = [line for line in console if line.startswith("-- ")]
+    assert len(skipped) == 4 * 200 + 2 and len(skipped) == len(console), console[:5]  # + lock and report
+    listed = project.doit("list", "--all").stdout
+    assert sum(line.startswith("convert:") for line in listed.splitlines()) == 200
