@@ -42,6 +42,13 @@ def _project(root: Path, timeout: int = 600) -> Project:
     return project
 
 
+def _interruptible() -> None:
+    """In a child about to exec doit: Ctrl-C's default action back. A shell that runs its jobs in the
+    background (`cmd &`, as CI wrappers may) starts them with SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler: the SIGINT tests would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _slow_project(root: Path) -> Project:
     """alpha is a model that takes several seconds to build, so a signal lands mid-conversion."""
     project = _project(root)
@@ -118,7 +125,7 @@ def test_sigint_of_a_parallel_build_leaves_nothing_half_written(tmp_path):
     project = _slow_project(tmp_path)
     doit = subprocess.Popen([sys.executable, "-m", "doit", "-n", "2", "-P", "process"], cwd=project.root,
                             env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_interruptible)
     _wait_for_worker(project.root)
     time.sleep(1)
     zygotes = [pid for pid in _workers(project.root) if pid not in _workers(project.root, active=True)]
@@ -150,7 +157,8 @@ def _watch_two_at_once(project: Project) -> tuple[subprocess.Popen, bool]:
     """Start a plain `doit` (the pipeline's reporter: conversions start ahead) and see two conversions
     running at once."""
     doit = subprocess.Popen([sys.executable, "-m", "doit", "--reporter", "rknn"], cwd=project.root, env=project.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_interruptible)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and doit.poll() is None:
         if len(_workers(project.root, active=True)) >= 2:
