@@ -179,7 +179,6 @@ def prestart_conversion(manifest, layout, model: dict, target: str, resolved: di
     store = open_cache(manifest)
     if store is not None and (store.has(key) or key in _AHEAD_KEYS):
         return  # cached, or about to be: an earlier pair with the same key stores it before this task runs
-
     last = CONVERT.read(pair.convert_record, missing_ok=True) or {}
     if pair.rknn.exists() and (last.get("cache") or {}).get("key") == key:
         return
