@@ -453,8 +453,7 @@ class _AheadJob:
     def __init__(self, job: dict, log_path: Path, timeout: float, python: str, calibration, seconds: float):
         self.job, self.log_path, self.timeout, self.python = job, Path(log_path), timeout, python
         self.calibration, self.seconds = calibration, seconds
-        self.error: str | None = None
-        self.result: dict | None = None
+        self.result: dict | None = None  # None: not run, cancelled or failed; the convert task runs it
         self.child: int | None = None
         self.cancelled = False
         self.done = threading.Event()
@@ -467,11 +466,8 @@ class _AheadJob:
             with _Ahead.slots().held(self.seconds, self._wait_for_import, lambda: self.cancelled):
                 if not self.cancelled:
                     self.result = run_worker(self.job, self.log_path, self.timeout, self.python, self._started)
-        except _Abandoned:
-            pass
-        except BaseException as exc:  # the convert task reruns it in its own thread and reports properly
+        except BaseException:  # cancelled while queued, or failed: the convert task runs it and reports
             self.result = None
-            self.error = f"{type(exc).__name__}: {exc}"
         finally:
             self.done.set()
 
